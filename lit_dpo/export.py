@@ -26,7 +26,7 @@ def export_policy(module, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def export_checkpoint(ckpt_path: str, output_dir: str) -> None:
+def export_checkpoint(*, ckpt_path: str, output_dir: str) -> None:
     """Export the policy of a lit-dpo checkpoint to a Hugging Face directory.
 
     Args:

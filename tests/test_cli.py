@@ -1,0 +1,102 @@
+"""The `lit-dpo` command: every shipped config parses, the tiny one fits end to end, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_dpo.cli import main
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(16):
+            row = {"prompt": f"Review film {i}:", "chosen": " a delight.", "rejected": " boring."}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def lit_dpo(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "lit_dpo.cli", *args],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code in (None, 0)
+    assert "model_name_or_path" in capsys.readouterr().out
+
+
+def test_tiny_config_fits_end_to_end_and_reruns(tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml")]
+    args += ["--model.model_name_or_path", tiny_model_dir, "--data.dataset", pairs_file]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
+    for _ in range(2):  # the second run goes into the same directory
+        run = lit_dpo(*args, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    version = tmp_path / "lightning_logs" / "version_1"
+    header = (version / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/rewards/accuracies", "val/rewards/margins"} <= set(header)
+
+    hf = AutoModelForCausalLM.from_pretrained(version / "hf")
+    (ckpt,) = (version / "checkpoints").glob("*.ckpt")
+    run = lit_dpo(
+        "export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "x"), cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "x")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained, changed = hf.state_dict(), False
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+        changed |= not torch.equal(value, initial.state_dict()[name])
+    assert changed
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.loss_type", "dpo"], "loss_type"),
+        (["--model.beta", "-0.1"], "beta"),
+        (["--data.dataset", "no/such/file.jsonl"], "no/such/file.jsonl"),
+    ],
+)
+def test_bad_values_are_one_clear_line(override, message, tiny_model_dir, pairs_file, tmp_path):
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.dataset", pairs_file]
+    args += ["--model.model_name_or_path", tiny_model_dir, *override]
+    run = lit_dpo(*args, cwd=tmp_path)
+    assert run.returncode != 0
+    assert message in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+def test_ddp_two_processes_keep_one_policy(tiny_model_dir, pairs_file, tmp_path):
+    script = Path(__file__).parent / "scripts" / "ddp_fit.py"
+    run = subprocess.run(
+        [sys.executable, str(script), tiny_model_dir, pairs_file, str(tmp_path)],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    initial = __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name, value in rank0["policy"].items():
+        assert torch.equal(value, rank1["policy"][name]), name
+    assert any(not torch.equal(v, initial.state_dict()[k]) for k, v in rank0["policy"].items())
+    # metrics are synced across ranks: both report the same global numbers
+    for key in ("train/loss", "val/rewards/accuracies"):
+        assert rank0["metrics"][key] == rank1["metrics"][key], key

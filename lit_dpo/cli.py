@@ -1,8 +1,9 @@
 """`lit-dpo`: a thin LightningCLI over DPOModule and PreferenceDataModule.
 
-    lit-dpo fit --config configs/sentiment-smollm2.yaml
-    lit-dpo fit --config configs/tiny.yaml --model.beta 0.5 --print_config
-    lit-dpo export --ckpt_path runs/x/checkpoints/last.ckpt --output_dir runs/x/hf
+lit-dpo fit --config configs/sentiment-smollm2.yaml
+lit-dpo fit --config configs/tiny.yaml --model.beta 0.5 --print_config
+lit-dpo export --ckpt_path runs/x/checkpoints/last.ckpt --output_dir runs/x/hf
+lit-dpo pairs sentiment --out_dir data/sentiment --n_prompts 200 --seed 0
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ class DPOCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; `args` (default: the command line) lets tests and notebooks call it."""
+    argv = sys.argv[1:] if args is None else args
     try:
-        if (sys.argv[1:] if args is None else args)[:1] == ["export"]:
+        if argv[:1] in (["export"], ["pairs"]):  # tools that are not Trainer runs
             from jsonargparse import auto_cli
 
-            auto_cli(export_checkpoint, args=(sys.argv[2:] if args is None else args[1:]))
+            from lit_dpo.sentiment import build_pairs
+
+            auto_cli({"export": export_checkpoint, "pairs": {"sentiment": build_pairs}}, args=argv)
             return
         DPOCLI(
             DPOModule,

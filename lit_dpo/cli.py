@@ -13,6 +13,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from lit_dpo.callbacks import InterruptCheckpoint
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.export import HFExport, export_checkpoint
 from lit_dpo.module import DPOModule
@@ -45,10 +46,12 @@ def main(args: list[str] | None = None) -> None:
             # Rerunning a config into the same directory replaces its saved config.yaml.
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module builds them over trainable params
+            trainer_defaults={"callbacks": [InterruptCheckpoint()]},  # added to the config's
         )
-    except (FileNotFoundError, ValueError) as err:
-        # Bad input (a missing file, an unknown loss, a malformed row) is the user's to fix: one
-        # clear line, no traceback. LIT_DPO_DEBUG=1 shows it.
+    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+        # Bad input (a missing file, an unknown loss, a malformed row) is the user's to fix, and a
+        # non-finite loss names its step and saved batch: one clear line, no traceback.
+        # LIT_DPO_DEBUG=1 shows it.
         if os.environ.get("LIT_DPO_DEBUG"):
             raise
         sys.exit(f"lit-dpo: error: {err}")

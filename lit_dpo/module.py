@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -235,7 +236,24 @@ class DPOModule(L.LightningModule):
         return out["losses"].mean()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self._stop_if_not_finite(loss, batch, batch_idx)
+        return loss
+
+    def _stop_if_not_finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """A NaN/Inf loss would silently wreck the weights: stop, name the step and batch, and
+        save the batch for inspection. All ranks decide together, so none hangs in a collective."""
+        bad = not bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        where = f"step {self.global_step}, batch {batch_idx}"
+        if bad:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = root / f"nonfinite-batch-step{self.global_step}-rank{self.global_rank}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in batch.items()}, path)
+            where += f" (loss {loss.item()}); the batch is saved to {path}"
+        raise FloatingPointError(f"non-finite training loss at {where}")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

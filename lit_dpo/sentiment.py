@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
+from lightning.pytorch.callbacks import Callback
 
 # Every word below scores 0 in VADER's lexicon (tests/test_sentiment.py checks the prompts), so
 # the prompt itself pushes no review up or down: sentiment comes from the model alone. That rules
@@ -84,7 +85,7 @@ def score(texts: Sequence[str]) -> list[float]:
     return [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
-def sample(
+def generate(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -94,11 +95,14 @@ def sample(
     top_p: float = 0.95,
     batch_size: int = 64,
     seed: int = 0,
-) -> list[list[str]]:
-    """`n_samples` chat completions per prompt, as a `len(prompts) x n_samples` list of strings.
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Sample `n_samples` chat completions per prompt; return (prompt ids, completion ids) per
+    sample, prompt-major (the samples of prompt i are rows i*n_samples ... (i+1)*n_samples-1).
 
-    Deterministic for a seed, model, batch size and machine: the global torch RNG is seeded
-    inside `fork_rng`, so the caller's RNG state is left as it was.
+    The prompt ids are the rendered chat template without padding; the completion ids are the
+    sampled tokens up to and including the first end-of-sequence token (all of them if none was
+    sampled within `max_new_tokens`). Deterministic for a seed, model, batch size and machine:
+    the global torch RNG is seeded inside `fork_rng`, so the caller's RNG state is left as it was.
     """
     from tqdm.auto import tqdm
 
@@ -113,8 +117,12 @@ def sample(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # e.g. GPT-2: padding is masked out anyway, so EOS serves
         pad_id = tokenizer.eos_token_id
+    stop = model.generation_config.eos_token_id
+    stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])} - {None}
+    was_training = model.training
     model.eval()
-    completions: list[str] = []
+    prompt_ids: list[list[int]] = []
+    completion_ids: list[list[int]] = []
     with torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(texts), batch_size), desc="sampling", unit="batch"):
@@ -125,7 +133,7 @@ def sample(
                 padding=True,
                 padding_side="left",
                 add_special_tokens=False,
-            )
+            ).to(next(model.parameters()).device)
             out = model.generate(
                 **batch,
                 do_sample=True,
@@ -135,10 +143,34 @@ def sample(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
             )
-            new = out[:, batch["input_ids"].shape[1] :]  # (B, new tokens)
-            completions += [
-                t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)
-            ]
+            width = batch["input_ids"].shape[1]
+            rows = zip(batch["input_ids"], batch["attention_mask"], out.tolist(), strict=True)
+            for ids, mask, row in rows:
+                prompt_ids.append(ids[mask.bool()].tolist())
+                new = row[width:]  # after the first stop token, generate only pads
+                end = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
+                completion_ids.append(new[:end])
+    model.train(was_training)
+    return prompt_ids, completion_ids
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    n_samples: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[str]]:
+    """`n_samples` chat completions per prompt, as a `len(prompts) x n_samples` list of strings
+    (see `generate`; the same seed gives the same samples)."""
+    _, ids = generate(
+        model, tokenizer, prompts, n_samples, max_new_tokens, temperature, top_p, batch_size, seed
+    )
+    completions = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return [completions[i : i + n_samples] for i in range(0, len(completions), n_samples)]
 
 
@@ -331,6 +363,238 @@ def _write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def heldout_prompts(path: str | Path = "data/sentiment/test.jsonl") -> list[str]:
+    """The distinct user prompts of a pairs file, in order of first appearance."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(r["prompt"][-1]["content"] for r in rows))
+
+
+def evaluate(
+    policy,
+    reference,
+    tokenizer,
+    prompts: Sequence[str],
+    n_samples: int = 4,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
+    """Mean VADER reward of the policy's samples and the sequence-level KL(pi || pi_ref).
+
+    `n_samples` completions per prompt are drawn from `policy` at temperature 1 with neither
+    top-p nor top-k, i.e. from pi itself, so that the mean over samples of
+    log pi(y|x) - log pi_ref(y|x) (summed over the sampled tokens, EOS included when sampled)
+    is an unbiased estimate of KL(pi(.|x) || pi_ref(.|x)) over completions of at most
+    `max_new_tokens` tokens, averaged over the prompts. `reference` None or `policy` itself:
+    the KL is 0 and not computed.
+
+    Returns `reward`, `kl` (means over all samples), their standard errors `reward_se`, `kl_se`
+    over prompts, `tokens` (mean completion length), and the `samples`, `scores` and
+    `log_ratios` per prompt (lists of `n_samples`).
+    """
+    from lit_dpo.reward import log_ratios
+
+    prompt_ids, completion_ids = generate(
+        policy, tokenizer, prompts, n_samples, max_new_tokens, 1.0, 1.0, batch_size, seed
+    )
+    texts = [t.strip() for t in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+    scores = score(texts)
+    if reference is None or reference is policy:
+        ratios = [0.0] * len(texts)
+    else:
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        ratios = log_ratios(policy, reference, prompt_ids, completion_ids, pad).tolist()
+
+    def per_prompt(values: list) -> list[list]:
+        return [values[i : i + n_samples] for i in range(0, len(values), n_samples)]
+
+    def se(values: list[float]) -> float:  # standard error of the mean over prompts
+        means = [statistics.fmean(v) for v in per_prompt(values)]
+        return statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1 else float("nan")
+
+    return {
+        "reward": statistics.fmean(scores),
+        "reward_se": se(scores),
+        "kl": statistics.fmean(ratios),
+        "kl_se": se(ratios),
+        "tokens": statistics.fmean(len(c) for c in completion_ids),
+        "samples": per_prompt(texts),
+        "scores": per_prompt(scores),
+        "log_ratios": per_prompt(ratios),
+    }
+
+
+def expected_best_of_n(scores: Sequence[float], n: int) -> float:
+    """Unbiased estimate, from K >= n i.i.d. samples' scores, of E[max of n i.i.d. scores].
+
+    With the scores sorted ascending s_1 <= ... <= s_K, each n-subset's maximum averaged over all
+    C(K, n) subsets: sum_i s_i * C(i-1, n-1) / C(K, n) (s_i is the maximum of C(i-1, n-1) of them).
+    """
+    import math
+
+    k = len(scores)
+    if not 1 <= n <= k:
+        raise ValueError(f"best-of-{n} needs at least {n} samples, got {k}")
+    ordered = sorted(scores)
+    return sum(s * math.comb(i, n - 1) for i, s in enumerate(ordered)) / math.comb(k, n)
+
+
+def best_of_n_kl(n: int) -> float:
+    """The usual analytic KL(best-of-n || base) = log n - (n - 1) / n (an upper bound on the
+    true value; exact when no two samples score the same)."""
+    import math
+
+    return math.log(n) - (n - 1) / n
+
+
+class SentimentEval(Callback):
+    """When fit ends: sample the policy and its reference on held-out prompts, score with VADER,
+    and print (and log under `eval/`) the mean rewards, KL(pi || pi_ref) and the implicit-reward
+    accuracy on the held-out pairs.
+
+    The KL estimate samples at temperature 1, top-p 1 (see `evaluate`); the reference's reward
+    uses the same sampling. The accuracy is the fraction of the data module's test pairs whose
+    implicit reward log pi/pi_ref is higher for the chosen completion (a tie counts half, as in
+    `rewards/accuracies`). The numbers are also written to `<log_dir>/sentiment_eval.json`.
+
+    Args:
+        prompts: a pairs file whose distinct user prompts are the held-out prompts.
+        n_prompts: use only the first this many of them; None: all.
+        n_samples: completions sampled per prompt, from the policy and from the reference.
+        max_new_tokens: length limit of each completion.
+        batch_size: sequences per `generate` call.
+        seed: sampling seed (the same for both models).
+        pair_accuracy: also compute the implicit-reward accuracy on the test pairs.
+    """
+
+    def __init__(
+        self,
+        prompts: str = "data/sentiment/test.jsonl",
+        n_prompts: PositiveInt | None = None,
+        n_samples: PositiveInt = 4,
+        max_new_tokens: PositiveInt = 48,
+        batch_size: PositiveInt = 64,
+        seed: int = 0,
+        pair_accuracy: bool = True,
+    ):
+        self.prompts = prompts
+        self.n_prompts = n_prompts
+        self.n_samples = n_samples
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pair_accuracy = pair_accuracy
+        self.results: dict[str, float] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.results = self.run(trainer, pl_module)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics(
+                    {f"eval/{k}": v for k, v in self.results.items()}, step=trainer.global_step
+                )
+                trainer.logger.save()
+            print(self.table(self.results))
+            out = Path(trainer.log_dir or trainer.default_root_dir) / "sentiment_eval.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out, json.dumps(self.results, indent=2) + "\n")
+        trainer.strategy.barrier()
+
+    def run(self, trainer, pl_module) -> dict[str, float]:
+        import time
+
+        from transformers import AutoTokenizer
+
+        from lit_dpo.hub import resolve
+
+        start = time.perf_counter()
+        hp = pl_module.hparams
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None or isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code
+            )
+        prompts = heldout_prompts(self.prompts)[: self.n_prompts]
+        policy, reference = pl_module.policy, getattr(pl_module, "reference", None)
+        kwargs = dict(
+            n_samples=self.n_samples,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        ours = evaluate(policy, reference, tokenizer, prompts, **kwargs)
+        results = {
+            "prompts": len(prompts),
+            "samples_per_prompt": self.n_samples,
+            "policy_reward": ours["reward"],
+            "policy_reward_se": ours["reward_se"],
+            "kl": ours["kl"],
+            "kl_se": ours["kl_se"],
+            "policy_tokens": ours["tokens"],
+        }
+        if reference is not None:
+            ref = evaluate(reference, None, tokenizer, prompts, **kwargs)
+            results |= {
+                "reference_reward": ref["reward"],
+                "reference_reward_se": ref["reward_se"],
+                "reference_tokens": ref["tokens"],
+            }
+            if self.pair_accuracy and trainer.datamodule is not None:
+                loader = trainer.datamodule.test_dataloader()
+                if loader:
+                    results["pair_accuracy"], results["pairs"] = pair_accuracy(
+                        policy, reference, loader
+                    )
+        results["seconds"] = time.perf_counter() - start
+        return results
+
+    @staticmethod
+    def table(r: dict[str, float]) -> str:
+        def cell(key: str) -> str:
+            if key not in r:
+                return "-"
+            se = r.get(f"{key}_se")
+            return f"{r[key]:+.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+        lines = [
+            f"Held-out evaluation: {r['prompts']} prompts x {r['samples_per_prompt']} samples "
+            "(temperature 1, top-p 1), VADER reward in [-1, 1], +- one standard error over prompts",
+            f"  mean reward, policy     {cell('policy_reward')}",
+            f"  mean reward, reference  {cell('reference_reward')}",
+            f"  KL(pi || pi_ref)        {cell('kl')} nats per completion",
+        ]
+        if "pair_accuracy" in r:
+            lines.append(
+                f"  implicit-reward accuracy, {r['pairs']} held-out pairs: {r['pair_accuracy']:.3f}"
+            )
+        lines.append(f"  ({r['seconds']:.0f} s)")
+        return "\n".join(lines)
+
+
+def pair_accuracy(policy, reference, loader) -> tuple[float, int]:
+    """Fraction of collated pairs (2B-row batches) whose implicit reward log pi/pi_ref is higher
+    for the chosen row than for the rejected one; a tie counts half. Returns (accuracy, pairs)."""
+    from lit_dpo.logps import sequence_logps
+    from lit_dpo.reward import eval_mode
+
+    device = next(policy.parameters()).device
+    right, total = 0.0, 0
+    with eval_mode(policy, reference):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = batch["input_ids"].shape[0] // 2
+            s = sequence_logps(policy, batch).sum - sequence_logps(reference, batch).sum  # (2B,)
+            margin = s[:n] - s[n:]
+            right += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
+            total += n
+    return right / max(total, 1), total
 
 
 if __name__ == "__main__":

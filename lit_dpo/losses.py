@@ -152,6 +152,10 @@ def nll(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0) -> LossOut
 class Loss:
     fn: Callable[..., LossOutput]
     average: bool = False  # True: fed per-token-averaged log-probs instead of sums
+    # True: the loss reads each log-ratio on its own, not only the chosen-rejected difference;
+    # with a uniform reference (reference_free) that is log pi(y), a large negative number
+    # that saturates the loss, so such losses refuse reference_free.
+    needs_reference: bool = False
 
 
 LOSSES: dict[str, Loss] = {
@@ -160,11 +164,11 @@ LOSSES: dict[str, Loss] = {
     "ipo": Loss(ipo, average=True),
     "hinge": Loss(hinge),
     "exo_pair": Loss(exo_pair),
-    "nca_pair": Loss(nca_pair),
-    "bco_pair": Loss(bco_pair),
-    "sppo_hard": Loss(sppo_hard),
-    "apo_zero": Loss(apo_zero),
-    "apo_down": Loss(apo_down),
+    "nca_pair": Loss(nca_pair, needs_reference=True),
+    "bco_pair": Loss(bco_pair, needs_reference=True),
+    "sppo_hard": Loss(sppo_hard, needs_reference=True),
+    "apo_zero": Loss(apo_zero, needs_reference=True),
+    "apo_down": Loss(apo_down, needs_reference=True),
     # SimPO-style length normalisation of DPO: the sigmoid loss on per-token averages.
     "sigmoid_norm": Loss(sigmoid, average=True),
     "nll": Loss(nll, average=True),

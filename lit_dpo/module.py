@@ -115,6 +115,9 @@ class DPOModule(L.LightningModule):
             raise ValueError(
                 f"loss_weights {loss_weights} must give one weight per loss_type {loss_types}"
             )
+        absolute = [name for name in loss_types if get_loss(name).needs_reference]
+        if reference_free and absolute:
+            raise ValueError(f"loss_type {absolute} needs a reference model; unset reference_free")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if not 0 <= label_smoothing < 0.5:

@@ -110,6 +110,29 @@ def test_implicit_prompt_messages(tokenizer):
     assert row["chosen_input_ids"] == ["Pa", "r", "is", "</s>"]
 
 
+def test_completion_rows_are_pairs_of_the_completion_with_itself(tokenizer):
+    """SFT rows (prompt, completion): chosen = rejected = completion, so the batch layout is a
+    DPO batch's and rows 0..B-1 are the SFT rows."""
+    rows = [
+        {"prompt": "The movie", "completion": " was wonderful"},
+        {"prompt": USER, "completion": PARIS},
+    ]
+    text, chat = (
+        only_row(built(datasets.Dataset.from_list([row]), tokenizer, val_fraction=0), tokenizer)
+        for row in rows
+    )
+    assert text == {
+        "prompt_input_ids": ["<s>", "The", "Ġmovie"],
+        "chosen_input_ids": ["Ġwas", "Ġw", "o", "nd", "er", "fu", "l", "</s>"],
+        "rejected_input_ids": ["Ġwas", "Ġw", "o", "nd", "er", "fu", "l", "</s>"],
+    }
+    assert chat == {
+        "prompt_input_ids": ["<s>", "<|user|>", "H", "i", "</s>", "<|assistant|>"],
+        "chosen_input_ids": ["Pa", "r", "is", "</s>"],
+        "rejected_input_ids": ["Pa", "r", "is", "</s>"],
+    }
+
+
 @pytest.mark.parametrize(
     ("chosen", "rejected", "expected"),
     [
@@ -244,28 +267,50 @@ def test_truncation_counts(tokenizer, caplog):
     rows = [
         PAIR,
         {**PAIR, "prompt": long_text},
-        {**PAIR, "chosen": long_text, "rejected": long_text},
+        {**PAIR, "chosen": long_text, "rejected": long_text + " indeed"},
         {**PAIR, "prompt": long_text},
     ]
     data = datasets.DatasetDict(
-        train=datasets.Dataset.from_list(rows[:3]), validation=datasets.Dataset.from_list(rows[3:])
+        train=datasets.Dataset.from_list(rows[:3]), validation=datasets.Dataset.from_list(rows[2:])
     )
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
     dm = built(data, tokenizer, max_length=12, max_prompt_length=4, truncation_mode="keep_start")
-    assert "train: 3 rows, 1 prompts truncated, 2 completions truncated, 0 dropped" in caplog.text
+    assert "train: 3 rows, 0 skipped, 1 prompts truncated, 2 completions truncated" in caplog.text
     assert dm.stats["train"] == {
         "rows": 3,
+        "skipped": 0,
         "prompts_truncated": 1,
         "completions_truncated": 2,
-        "dropped": 0,
+        "problems": {},
     }
     lengths = [len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) for r in dm.train_dataset]
     assert max(lengths) == 12
     long_prompt = dm.train_dataset[1]["prompt_input_ids"]
     assert long_prompt == tokenizer(long_text)["input_ids"][:4]  # keep_start
 
-    dm = built(data, tokenizer, max_length=12, max_prompt_length=12)
-    assert dm.stats["validation"]["dropped"] == 1 and len(dm.val_dataset) == 0
+
+def test_prompt_without_room_is_a_bad_row(tokenizer, tmp_path):
+    """max_prompt_length >= max_length: a prompt filling the row leaves no room; under skip the
+    row goes to the rejects, the rest trains (under error: see test_validation.py)."""
+    long_prompt = {**PAIR, "prompt": " the movie was wonderful" * 4}
+    data = datasets.Dataset.from_list([PAIR, long_prompt, PAIR])
+    rejects = tmp_path / "rejects.jsonl"
+    dm = built(
+        data,
+        tokenizer,
+        max_length=12,
+        max_prompt_length=12,
+        val_fraction=0,
+        on_bad_rows="skip",
+        rejects_path=str(rejects),
+    )
+    assert len(dm.train_dataset) == 2 and dm.stats["train"]["skipped"] == 1
+    (reject,) = map(json.loads, rejects.read_text().splitlines())
+    assert reject["row"] == 2 and reject["data"] == long_prompt
+    assert reject["problems"] == [
+        "prompt too long: no room for a completion within max_length=12 "
+        "(prompts are cut to max_prompt_length=12 first)"
+    ]
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -303,7 +348,13 @@ def test_single_source_holds_out_validation(write, tokenizer, tmp_path):
     dm = built(source, tokenizer, val_fraction=0.25, seed=3)
     assert (len(dm.train_dataset), len(dm.val_dataset), dm.test_dataset) == (15, 5, None)
     assert dm.stats == {
-        "train": {"rows": 20, "prompts_truncated": 0, "completions_truncated": 0, "dropped": 0}
+        "train": {
+            "rows": 20,
+            "skipped": 0,
+            "prompts_truncated": 0,
+            "completions_truncated": 0,
+            "problems": {},
+        }
     }
     prompts = {tuple(r["prompt_input_ids"]) for r in [*dm.train_dataset, *dm.val_dataset]}
     assert len(prompts) == 20  # a split, not a sample: every row once
@@ -347,68 +398,3 @@ def test_num_proc_tokenizes_in_processes(tokenizer, tmp_path):
     source = write_jsonl(tmp_path / "pairs.jsonl", [PAIR] * 4)
     dm = built(source, tokenizer, val_fraction=0, num_proc=2)
     assert len(dm.train_dataset) == 4
-
-
-# --------------------------------------------------------------------------------------- errors
-
-
-def test_missing_file(tokenizer, tmp_path):
-    missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        PreferenceDataModule(missing, tokenizer).setup()
-
-
-def test_directory_without_split_files(tokenizer, tmp_path):
-    write_jsonl(tmp_path / "pairs.jsonl", [PAIR])
-    with pytest.raises(FileNotFoundError, match="no data files named after a split"):
-        PreferenceDataModule(str(tmp_path), tokenizer).setup()
-
-
-def test_hub_dataset_offline(tokenizer):
-    with pytest.raises(ValueError, match="could not load dataset 'no-such-org/no-such-data'"):
-        PreferenceDataModule("no-such-org/no-such-data", tokenizer).setup()
-
-
-def test_missing_column(tokenizer, tmp_path):
-    source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b"}])
-    with pytest.raises(ValueError, match=r"pairs.jsonl: split 'train': missing column 'rejected'"):
-        PreferenceDataModule(source, tokenizer).setup()
-
-
-def test_conversational_without_chat_template(tmp_path):
-    source = write_jsonl(
-        tmp_path / "pairs.jsonl", [{"prompt": USER, "chosen": PARIS, "rejected": LYON}]
-    )
-    with pytest.raises(ValueError, match="conversational but the tokenizer has no chat template"):
-        PreferenceDataModule(source, build_tokenizer(chat_template=None)).setup()
-
-
-def test_chat_template_that_does_not_extend_the_prompt(tmp_path):
-    template = (
-        "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-        "{% if add_generation_prompt %}>{% endif %}"
-    )
-    source = write_jsonl(
-        tmp_path / "pairs.jsonl", [{"prompt": USER, "chosen": PARIS, "rejected": LYON}]
-    )
-    with pytest.raises(ValueError, match="row 0: the chat template does not render the prompt"):
-        PreferenceDataModule(source, build_tokenizer(chat_template=template)).setup()
-
-
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        ({"chosen": ""}, "field 'chosen' is empty"),
-        ({"rejected": None}, "field 'rejected' is missing"),
-        ({"chosen": PARIS, "rejected": LYON}, "field 'chosen' must be a string, got list"),
-    ],
-)
-def test_bad_row_names_file_split_row_and_field(bad, message, tokenizer, tmp_path):
-    source = write_jsonl(tmp_path / "pairs.jsonl", [PAIR, PAIR, {**PAIR, **bad}])
-    with pytest.raises(ValueError, match=rf"pairs.jsonl: split 'train' row 2: {message}"):
-        PreferenceDataModule(source, tokenizer).setup()
-
-
-def test_no_tokenizer(tmp_path):
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        PreferenceDataModule(write_jsonl(tmp_path / "p.jsonl", [PAIR])).setup()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import PositiveFloat
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
@@ -76,7 +77,7 @@ class DPOModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
-        logps_chunk_size: int = 1024,
+        logps_chunk_size: PositiveInt = 1024,
     ):
         """Direct Preference Optimization of a causal LM against a frozen reference.
 
@@ -118,8 +119,14 @@ class DPOModule(L.LightningModule):
         absolute = [name for name in loss_types if get_loss(name).needs_reference]
         if reference_free and absolute:
             raise ValueError(f"loss_type {absolute} needs a reference model; unset reference_free")
-        if beta <= 0:
+        if not beta > 0:  # also refuses NaN
             raise ValueError(f"beta must be positive, got {beta}")
+        if not all(math.isfinite(w) for w in self.loss_weights):
+            raise ValueError(f"loss_weights must be finite, got {self.loss_weights}")
+        if reference_free and ref_model_name_or_path:
+            raise ValueError("reference_free builds no reference: unset ref_model_name_or_path")
+        if logps_chunk_size < 1:
+            raise ValueError(f"logps_chunk_size must be at least 1, got {logps_chunk_size}")
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -154,6 +154,10 @@ def test_overfitting_a_few_pairs_learns_and_leaves_the_reference_alone(tiny_mode
         ({"loss_type": ["sigmoid", "nll"], "loss_weights": [1.0]}, "one weight per loss_type"),
         ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
         ({"reference_free": True, "loss_type": "apo_zero"}, r"\['apo_zero'\] needs a reference"),
+        ({"beta": math.nan}, "beta must be positive"),
+        ({"loss_type": ["sigmoid", "nll"], "loss_weights": [1.0, math.inf]}, "must be finite"),
+        ({"reference_free": True, "ref_model_name_or_path": "x"}, "unset ref_model_name_or_path"),
+        ({"logps_chunk_size": 0}, "logps_chunk_size must be at least 1"),
     ],
 )
 def test_bad_arguments_fail_before_loading_anything(kwargs, message):

@@ -216,6 +216,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 )
         if self.tokenizer.pad_token_id is None:
             rank_zero_info("the tokenizer has no pad token: batches are padded with EOS (masked)")
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None:  # the run's record keeps what was skipped and cut, per split
+            counts = ("rows", "skipped", "prompts_truncated", "completions_truncated")
+            logger.log_hyperparams(
+                {f"data/{split}/{k}": s[k] for split, s in self.stats.items() for k in counts}
+            )
         self.train_dataset = splits["train"]
         self.val_dataset = splits.get("validation")
         self.test_dataset = splits.get("test")

@@ -56,6 +56,8 @@ def test_tiny_config_fits_end_to_end_and_reruns(tiny_model_dir, pairs_file, tmp_
     header = (version / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/loss", "train/rewards/accuracies", "val/rewards/margins"} <= set(header)
 
+    assert (version / "hf" / "model.safetensors").exists()  # never a pickle
+    assert not list((version / "hf").glob("*.bin"))
     hf = AutoModelForCausalLM.from_pretrained(version / "hf")
     (ckpt,) = (version / "checkpoints").glob("*.ckpt")
     run = lit_dpo(

@@ -290,6 +290,19 @@ def test_skip_writes_rejects_beside_the_run_and_logs_a_summary(tokenizer, tmp_pa
     assert second["row"] == 6 and second["data"]["prompt"] is None
 
 
+def test_skip_counts_reach_the_experiment_logger(tokenizer, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    rows = [PAIR] * 4 + [{**PAIR, "chosen": ""}]
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    dm = PreferenceDataModule(source, tokenizer, val_fraction=0, on_bad_rows="skip")
+    dm.trainer = L.Trainer(logger=CSVLogger(tmp_path), accelerator="cpu")
+    dm.prepare_data()
+    dm.setup("fit")
+    hparams = dm.trainer.logger.experiment.hparams
+    assert hparams["data/train/rows"] == 5 and hparams["data/train/skipped"] == 1
+
+
 def test_rejects_default_to_the_working_directory(tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rows = [PAIR, {**PAIR, "chosen": ""}]

@@ -371,7 +371,27 @@ def _write_atomic(path: Path, text: str) -> None:
 def heldout_prompts(path: str | Path = "data/sentiment/test.jsonl") -> list[str]:
     """The distinct user prompts of a pairs file, in order of first appearance."""
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return list(dict.fromkeys(r["prompt"][-1]["content"] for r in rows))
+    return distinct_prompts(r["prompt"] for r in rows)
+
+
+def distinct_prompts(prompts) -> list[str]:
+    """Distinct prompt texts in order of first appearance: a string prompt as it is, a message
+    list as the content of its last message (the user's request)."""
+    return list(dict.fromkeys(p if isinstance(p, str) else p[-1]["content"] for p in prompts))
+
+
+def datamodule_prompts(datamodule) -> list[str]:
+    """The distinct prompts of a PreferenceDataModule's test split (its raw rows, re-read)."""
+    from lit_dpo.data import load_splits
+
+    split = datamodule.test_split
+    if split is None:
+        raise ValueError("SentimentEval needs held-out prompts: the data has no test split")
+    wanted = {"train": datamodule.train_split, "test": split}
+    raw, _ = load_splits(datamodule.dataset, datamodule.dataset_config, wanted)
+    if split not in raw or "prompt" not in raw[split].column_names:
+        raise ValueError(f"SentimentEval needs held-out prompts: no split {split!r} with prompts")
+    return distinct_prompts(raw[split]["prompt"])
 
 
 def evaluate(
@@ -465,24 +485,28 @@ class SentimentEval(Callback):
     `rewards/accuracies`). The numbers are also written to `<log_dir>/sentiment_eval.json`.
 
     Args:
-        prompts: a pairs file whose distinct user prompts are the held-out prompts.
+        prompts: a pairs file whose distinct user prompts are the held-out prompts. None: the
+            distinct prompts of the data module's test split (data/sentiment/test.jsonl in the
+            main job).
         n_prompts: use only the first this many of them; None: all.
         n_samples: completions sampled per prompt, from the policy and from the reference.
         max_new_tokens: length limit of each completion.
         batch_size: sequences per `generate` call.
         seed: sampling seed (the same for both models).
-        pair_accuracy: also compute the implicit-reward accuracy on the test pairs.
+        pair_accuracy: also compute the implicit-reward accuracy on the data module's test pairs.
+        limit_pairs: use only the first this many test pairs for it; None: all.
     """
 
     def __init__(
         self,
-        prompts: str = "data/sentiment/test.jsonl",
+        prompts: str | None = None,
         n_prompts: PositiveInt | None = None,
         n_samples: PositiveInt = 4,
         max_new_tokens: PositiveInt = 48,
         batch_size: PositiveInt = 64,
         seed: int = 0,
         pair_accuracy: bool = True,
+        limit_pairs: PositiveInt | None = None,
     ):
         self.prompts = prompts
         self.n_prompts = n_prompts
@@ -491,6 +515,7 @@ class SentimentEval(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.pair_accuracy = pair_accuracy
+        self.limit_pairs = limit_pairs
         self.results: dict[str, float] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -521,7 +546,11 @@ class SentimentEval(Callback):
             tokenizer = AutoTokenizer.from_pretrained(
                 resolve(hp.model_name_or_path), trust_remote_code=hp.trust_remote_code
             )
-        prompts = heldout_prompts(self.prompts)[: self.n_prompts]
+        if self.prompts is not None:
+            prompts = heldout_prompts(self.prompts)
+        else:
+            prompts = datamodule_prompts(trainer.datamodule)
+        prompts = prompts[: self.n_prompts]
         policy, reference = pl_module.policy, getattr(pl_module, "reference", None)
         kwargs = dict(
             n_samples=self.n_samples,
@@ -550,7 +579,7 @@ class SentimentEval(Callback):
                 loader = trainer.datamodule.test_dataloader()
                 if loader:
                     results["pair_accuracy"], results["pairs"] = pair_accuracy(
-                        policy, reference, loader
+                        policy, reference, loader, self.limit_pairs
                     )
         results["seconds"] = time.perf_counter() - start
         return results
@@ -578,9 +607,10 @@ class SentimentEval(Callback):
         return "\n".join(lines)
 
 
-def pair_accuracy(policy, reference, loader) -> tuple[float, int]:
+def pair_accuracy(policy, reference, loader, limit: int | None = None) -> tuple[float, int]:
     """Fraction of collated pairs (2B-row batches) whose implicit reward log pi/pi_ref is higher
-    for the chosen row than for the rejected one; a tie counts half. Returns (accuracy, pairs)."""
+    for the chosen row than for the rejected one; a tie counts half. Only the batches that hold
+    the first `limit` pairs are used (None: all). Returns (accuracy, pairs)."""
     from lit_dpo.logps import sequence_logps
     from lit_dpo.reward import eval_mode
 
@@ -588,6 +618,8 @@ def pair_accuracy(policy, reference, loader) -> tuple[float, int]:
     right, total = 0.0, 0
     with eval_mode(policy, reference):
         for batch in loader:
+            if limit is not None and total >= limit:
+                break
             batch = {k: v.to(device) for k, v in batch.items()}
             n = batch["input_ids"].shape[0] // 2
             s = sequence_logps(policy, batch).sum - sequence_logps(reference, batch).sum  # (2B,)

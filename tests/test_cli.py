@@ -117,9 +117,15 @@ def test_main_job_config_runs_on_smollm2(tmp_path):
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
         "--trainer.default_root_dir", str(tmp_path), "--export.dirpath", str(tmp_path / "hf"),
+        # SentimentEval, the config's last callback, cut to 1 prompt x 1 sample and 4 pairs
+        "--trainer.callbacks.n_prompts", "1", "--trainer.callbacks.n_samples", "1",
+        "--trainer.callbacks.max_new_tokens", "4", "--trainer.callbacks.limit_pairs", "1",
         cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "Held-out evaluation: 1 prompts x 1 samples" in run.stdout
+    result = json.loads((tmp_path / "lightning_logs/version_0/sentiment_eval.json").read_text())
+    assert result["prompts"] == 1 and result["pairs"] == 4 and "kl" in result
     rows = (tmp_path / "lightning_logs/version_0/metrics.csv").read_text().splitlines()
     first = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
     assert float(first["train/loss"]) == torch.tensor(math.log(2)).item()  # step 0: pi = pi_ref

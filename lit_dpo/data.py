@@ -348,12 +348,13 @@ class PreferenceDataModule(L.LightningDataModule):
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
         # Resumable order: the shuffle is a function of (seed, epoch) alone (Lightning calls
-        # `set_epoch`; under DDP it swaps in a DistributedSampler of the same kind), and the
-        # stateful loader saves its position in the epoch in every checkpoint, so a killed run
-        # resumed from its last checkpoint sees exactly the batches it would have seen.
-        sampler = (
-            DistributedSampler(dataset, num_replicas=1, rank=0, seed=self.seed) if shuffle else None
-        )
+        # `set_epoch`) and the stateful loader saves its position in the epoch in every
+        # checkpoint, so a killed run resumed from its last checkpoint sees exactly the batches
+        # it would have seen. Lightning keeps a DistributedSampler as it is, so it is sharded
+        # across ranks here.
+        shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        shard = shard or {"num_replicas": 1, "rank": 0}
+        sampler = DistributedSampler(dataset, seed=self.seed, **shard) if shuffle else None
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,

@@ -101,6 +101,8 @@ def test_ddp_two_processes_keep_one_policy(tiny_model_dir, pairs_file, tmp_path)
     for name, value in rank0["policy"].items():
         assert torch.equal(value, rank1["policy"][name]), name
     assert any(not torch.equal(v, initial.state_dict()[k]) for k, v in rank0["policy"].items())
+    # each rank trains on its own half: 12 train pairs / 2 ranks / 2 per batch
+    assert rank0["batches"] == rank1["batches"] == 3
     # metrics are synced across ranks: both report the same global numbers
     for key in ("train/loss", "val/rewards/accuracies"):
         assert rank0["metrics"][key] == rank1["metrics"][key], key

@@ -27,6 +27,10 @@ trainer = L.Trainer(
 )
 trainer.fit(module, data)
 torch.save(
-    {"policy": module.policy.state_dict(), "metrics": trainer.callback_metrics},
+    {
+        "policy": module.policy.state_dict(),
+        "metrics": trainer.callback_metrics,
+        "batches": trainer.num_training_batches,
+    },
     f"{out}/rank{trainer.global_rank}.pt",
 )

@@ -43,8 +43,9 @@ class HFExport(Callback):
     """Write the policy in Hugging Face format when `fit` ends.
 
     Args:
-        dirpath: target directory. None: `<log_dir>/hf` (the run's log directory, or
-            `default_root_dir` without a logger).
+        dirpath: target directory, replaced whole when fit ends: do not point it at a
+            directory that holds anything else (logs, checkpoints). None: `<log_dir>/hf` (the
+            run's log directory, or `default_root_dir` without a logger).
     """
 
     def __init__(self, dirpath: str | None = None):

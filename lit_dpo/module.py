@@ -60,7 +60,50 @@ class LinearWarmup(LambdaLR):
         super().__init__(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
-class DPOModule(L.LightningModule):
+class PolicyModule(L.LightningModule):
+    """What DPOModule and SFTModule share: the policy, loaded from the `hparams` they both
+    declare (model_name_or_path, torch_dtype, attn_implementation, disable_dropout,
+    trust_remote_code), and its optimizer, scheduler and gradient norm."""
+
+    def load_model(self, name_or_path: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        kwargs = {"trust_remote_code": hp.trust_remote_code}
+        if hp.torch_dtype:
+            kwargs["dtype"] = hp.torch_dtype
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+    def load_policy(self) -> nn.Module:
+        """The policy, in train mode (from_pretrained returns eval mode, and Lightning keeps each
+        module's mode: train mode is what turns on gradient checkpointing), dropout off if asked."""
+        policy = self.load_model(self.hparams.model_name_or_path).train()
+        if self.hparams.disable_dropout:
+            for m in policy.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+        return policy
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping, after the DDP all-reduce: the norm of the gradient actually computed.
+        norms = grad_norm(self.policy, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class DPOModule(PolicyModule):
     def __init__(
         self,
         model_name_or_path: str,
@@ -146,33 +189,16 @@ class DPOModule(L.LightningModule):
 
     # -- models ----------------------------------------------------------------------------
 
-    def _load(self, name_or_path: str) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        hp = self.hparams
-        kwargs = {"trust_remote_code": hp.trust_remote_code}
-        if hp.torch_dtype:
-            kwargs["dtype"] = hp.torch_dtype
-        if hp.attn_implementation:
-            kwargs["attn_implementation"] = hp.attn_implementation
-        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
-
     def configure_model(self) -> None:
         """Build the policy and the reference here, not in __init__: `--print_config` then loads
         nothing, and a sharding strategy can wrap the modules as they are made."""
         if self.policy is not None:  # Lightning calls this hook for every fit/validate/test
             return
         hp = self.hparams
-        # from_pretrained returns eval mode, and Lightning keeps each module's mode: train mode
-        # is what turns on gradient checkpointing (and any dropout left on).
-        self.policy = self._load(hp.model_name_or_path).train()
-        if hp.disable_dropout:
-            for m in self.policy.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = 0.0
+        self.policy = self.load_policy()
         if not hp.reference_free:
             if hp.ref_model_name_or_path:
-                self.reference = self._load(hp.ref_model_name_or_path)
+                self.reference = self.load_model(hp.ref_model_name_or_path)
             else:
                 self.reference = copy.deepcopy(self.policy)
             self.reference.requires_grad_(False).eval()
@@ -270,22 +296,6 @@ class DPOModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping, after the DDP all-reduce: the norm of the gradient actually computed.
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     # -- checkpoints: the reference is rebuilt from its source, never stored -----------------
 

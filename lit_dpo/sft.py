@@ -5,21 +5,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
-import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lit_dpo.hub import resolve
 from lit_dpo.logps import IGNORE_INDEX, sequence_logps
-from lit_dpo.module import LinearWarmup, PaperRMSprop
+from lit_dpo.module import LinearWarmup, PaperRMSprop, PolicyModule
 
 STAGES = ("train", "val", "test")
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(PolicyModule):
     def __init__(
         self,
         model_name_or_path: str,
@@ -65,25 +61,10 @@ class SFTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Build the model here, not in __init__ (see DPOModule.configure_model)."""
-        if self.policy is not None:
-            return
-        from transformers import AutoModelForCausalLM
-
-        hp = self.hparams
-        kwargs = {"trust_remote_code": hp.trust_remote_code}
-        if hp.torch_dtype:
-            kwargs["dtype"] = hp.torch_dtype
-        if hp.attn_implementation:
-            kwargs["attn_implementation"] = hp.attn_implementation
-        self.policy = AutoModelForCausalLM.from_pretrained(
-            resolve(hp.model_name_or_path), **kwargs
-        ).train()
-        if hp.disable_dropout:
-            for m in self.policy.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = 0.0
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.policy is None:
+            self.policy = self.load_policy()
+            if self.hparams.gradient_checkpointing:
+                self.policy.gradient_checkpointing_enable({"use_reentrant": False})
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(summed NLL over the chosen rows' completion tokens, their token count)."""
@@ -117,18 +98,3 @@ class SFTModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

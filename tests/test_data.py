@@ -15,7 +15,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import build_tokenizer
+from conftest import build_tokenizer, write_jsonl
 from lit_dpo.data import (
     IGNORE_INDEX,
     PreferenceDataModule,
@@ -28,17 +28,6 @@ PAIR = {"prompt": "The movie", "chosen": " was wonderful", "rejected": " was ter
 USER = [{"role": "user", "content": "Hi"}]
 PARIS = [{"role": "assistant", "content": "Paris"}]
 LYON = [{"role": "assistant", "content": "Lyon"}]
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    """Keep load_dataset's Arrow files (and the map caches beside them) inside the test's dir."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def tokens(tokenizer, ids):

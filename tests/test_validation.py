@@ -16,7 +16,7 @@ import datasets
 import lightning as L
 import pytest
 
-from conftest import CHAT_TEMPLATE, build_tokenizer
+from conftest import CHAT_TEMPLATE, build_tokenizer, write_jsonl
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.module import DPOModule
 
@@ -32,17 +32,6 @@ CHAT = {"prompt": USER, "chosen": PARIS, "rejected": LYON}
 CHAT_IMPLICIT = {"chosen": USER + PARIS, "rejected": USER + LYON}
 HH = "\n\nHuman: Hi\n\nAssistant:"
 LONG = " the movie was wonderful" * 4  # 37 tokens with BOS
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path, monkeypatch):
-    """Keep load_dataset's Arrow files (and the map caches beside them) inside the test's dir."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def built(dataset, tokenizer, **kwargs):

@@ -23,7 +23,6 @@ Tokenization:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -103,6 +102,13 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: Preference pairs per training batch (each pair gives two rows).
         eval_batch_size: Pairs per validation/test batch; None: `batch_size`.
         pad_to_multiple_of: Round each batch's length up to a multiple of this; None: no rounding.
+        packing: Padding-free batches: the 2B rows of a batch side by side in one sequence, each
+            with its own `position_ids` (transformers then attends within each row only), so no
+            compute goes to padding. Needs an attention that supports it (sdpa, eager,
+            flash_attention_2 in transformers >= 4.56). DPOModule only.
+        group_by_length: Where packing is off: within each run of 64 batches of the (seeded)
+            shuffle, order rows by length, so a batch holds rows of similar length and pads
+            little. The order stays a function of (seed, epoch): resuming is still exact.
         num_workers: DataLoader worker processes.
         num_proc: Processes for validation and tokenization (`datasets.Dataset.map`); None: one.
         seed: Seed of the train shuffle and of the held-out validation split.
@@ -133,6 +139,8 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
+        group_by_length: bool = False,
         num_workers: int = 0,
         num_proc: int | None = None,
         seed: int = 42,
@@ -177,6 +185,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packing = packing
+        self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.num_proc = num_proc
         self.seed = seed
@@ -222,9 +232,11 @@ class PreferenceDataModule(L.LightningDataModule):
             logger.log_hyperparams(
                 {f"data/{split}/{k}": s[k] for split, s in self.stats.items() for k in counts}
             )
-        self.train_dataset = splits["train"]
-        self.val_dataset = splits.get("validation")
-        self.test_dataset = splits.get("test")
+        # Each row carries its index in its split: a precomputed reference is looked up by it.
+        indexed = {k: v.add_column("index", range(len(v))) for k, v in splits.items()}
+        self.train_dataset = indexed["train"]
+        self.val_dataset = indexed.get("validation")
+        self.test_dataset = indexed.get("test")
 
     def _build(self) -> dict[str, datasets.Dataset]:
         """Load, validate and tokenize every split; hold out validation rows if needed.
@@ -339,14 +351,18 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError("the tokenizer has no EOS token to end completions with")
         return self.tokenizer
 
-    def _loader(self, dataset: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """`collate_pairs` with this module's padding settings."""
         # No pad token: pad with EOS; padding is masked out of attention and labels anyway.
         pad = self.tokenizer.pad_token_id
-        collate = functools.partial(
-            collate_pairs,
+        return collate_pairs(
+            rows,
             pad_token_id=self.tokenizer.eos_token_id if pad is None else pad,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            packing=self.packing,
         )
+
+    def _loader(self, dataset: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # Resumable order: the shuffle is a function of (seed, epoch) alone (Lightning calls
         # `set_epoch`) and the stateful loader saves its position in the epoch in every
         # checkpoint, so a killed run resumed from its last checkpoint sees exactly the batches
@@ -354,12 +370,16 @@ class PreferenceDataModule(L.LightningDataModule):
         # across ranks here.
         shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         shard = shard or {"num_replicas": 1, "rank": 0}
-        sampler = DistributedSampler(dataset, seed=self.seed, **shard) if shuffle else None
+        sampler = None
+        if shuffle and self.group_by_length and not self.packing:
+            sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=self.seed, **shard)
+        elif shuffle:
+            sampler = DistributedSampler(dataset, seed=self.seed, **shard)
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=collate,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -950,17 +970,31 @@ def fit_row(
 
 
 def collate_pairs(
-    rows: list[dict[str, list[int]]], pad_token_id: int, pad_to_multiple_of: int | None = None
+    rows: list[dict[str, list[int]]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    packing: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Stack B pairs into one batch of 2B rows, right-padded to the longest row.
 
     Returns `input_ids`, `attention_mask` and `labels`, each (2B, T) int64: rows 0..B-1 are
     prompt+chosen, rows B..2B-1 prompt+rejected, pair i in rows i and B+i, so one forward pass
     serves both. `labels` equal `input_ids` on completion tokens and IGNORE_INDEX on prompt and
-    padding; they are not shifted (the log-prob code shifts).
+    padding; they are not shifted (the log-prob code shifts). `index` (B,) holds each pair's
+    row in its split, when the rows carry one.
+
+    packing: the 2B rows side by side in one row instead: `input_ids`, `labels`,
+    `position_ids` (restarting at 0 for every row) and `row_ids` (which row each token belongs
+    to), each (1, total tokens), and `n_rows` = 2B; no `attention_mask`. With
+    `pad_to_multiple_of`, the row is padded by a segment of its own (labels IGNORE_INDEX).
     """
     sequences = [(r["prompt_input_ids"], r["chosen_input_ids"]) for r in rows]
     sequences += [(r["prompt_input_ids"], r["rejected_input_ids"]) for r in rows]
+    batch = {}
+    if "index" in rows[0]:
+        batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+    if packing:
+        return batch | _pack(sequences, pad_token_id, pad_to_multiple_of)
     T = max(len(p) + len(c) for p, c in sequences)
     if pad_to_multiple_of:
         T = math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of
@@ -972,4 +1006,42 @@ def collate_pairs(
         input_ids[i, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[i, : n + m] = 1
         labels[i, n : n + m] = torch.tensor(completion, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch | {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _pack(
+    sequences: list[tuple[list[int], list[int]]], pad_token_id: int, pad_to_multiple_of: int | None
+) -> dict[str, torch.Tensor | int]:
+    """(prompt, completion) sequences -> one packed row (see `collate_pairs`)."""
+    ids = [p + c for p, c in sequences]
+    labels = [[IGNORE_INDEX] * len(p) + c for p, c in sequences]
+    total = sum(map(len, ids))
+    pad = (-total) % pad_to_multiple_of if pad_to_multiple_of else 0
+    if pad:  # a segment of its own: attends only to itself and is never scored
+        ids.append([pad_token_id] * pad)
+        labels.append([IGNORE_INDEX] * pad)
+    return {
+        "input_ids": torch.tensor([sum(ids, [])], dtype=torch.long),
+        "labels": torch.tensor([sum(labels, [])], dtype=torch.long),
+        "position_ids": torch.cat([torch.arange(len(x)) for x in ids])[None],
+        "row_ids": torch.cat([torch.full((len(x),), i) for i, x in enumerate(ids)])[None],
+        "n_rows": len(sequences),
+    }
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """DistributedSampler's seeded shuffle, then each run of `group` indices (of this rank's
+    share) ordered longest first, so that batches hold rows of similar length."""
+
+    def __init__(self, dataset: datasets.Dataset, group: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.group = group
+        self.lengths = [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(*(dataset[c] for c in ID_COLUMNS), strict=True)
+        ]
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        for i in range(0, len(indices), self.group):
+            yield from sorted(indices[i : i + self.group], key=lambda j: -self.lengths[j])

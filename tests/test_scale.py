@@ -1,0 +1,90 @@
+"""Multi-process runs, launched as subprocesses (in-process DDP inside pytest hangs): FSDP2
+sharding with its resume and export, and a precomputed reference under DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    rows = [
+        {"prompt": f"Review film {i}:" + " again" * (i % 5), "chosen": " a delight." * (1 + i % 3),
+         "rejected": " boring."}
+        for i in range(16)
+    ]  # fmt: skip
+    return str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+
+
+def run(script, *args, cwd):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *map(str, args)],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def losses(out):
+    ranks = [json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the logged loss is the global one on both ranks
+    return {int(k): v for k, v in ranks[0].items()}
+
+
+def test_fsdp2_two_processes_resume_and_export(tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    full = tmp_path / "full"
+    run("fsdp2_fit.py", tiny_model_dir, pairs_file, full, 4, cwd=tmp_path)
+    straight = losses(full)
+    assert straight[0] == pytest.approx(0.6931472, abs=1e-6) and straight[3] < straight[0]
+    ckpts = sorted((full / "checkpoints").iterdir())
+    assert ckpts and all(c.is_dir() for c in ckpts)  # sharded: one directory per checkpoint
+
+    # killed after step 2: resume from its sharded checkpoint, end where the straight run ended
+    (step2,) = [c for c in ckpts if "step=2" in c.name]
+    resumed = tmp_path / "resumed"
+    run("fsdp2_fit.py", tiny_model_dir, pairs_file, resumed, 4, step2, cwd=tmp_path)
+    again = losses(resumed)
+    assert sorted(again) == [2, 3]
+    for step in (2, 3):
+        assert again[step] == pytest.approx(straight[step], abs=1e-5)
+
+    a, b = (load_file(d / "hf" / "model.safetensors") for d in (full, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+    exported = AutoModelForCausalLM.from_pretrained(full / "hf")  # one plain HF directory
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert exported.state_dict()[name].shape == start.state_dict()[name].shape
+    assert not torch.equal(exported.state_dict()[name], start.state_dict()[name])
+
+    # the sharded checkpoint also exports through `lit-dpo export`
+    out = tmp_path / "from-ckpt"
+    done = subprocess.run(
+        [sys.executable, "-m", "lit_dpo.cli", "export", "--ckpt_path", str(ckpts[-1]),
+         "--output_dir", str(out)],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = load_file(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=1e-6, msg=key)
+
+    # a replicated reference gives the same losses as a sharded one
+    replicated = tmp_path / "replicated"
+    run("fsdp2_fit.py", tiny_model_dir, pairs_file, replicated, 2, "--replicate", cwd=tmp_path)
+    for step, value in losses(replicated).items():
+        assert value == pytest.approx(straight[step], abs=1e-5)

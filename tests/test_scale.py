@@ -88,3 +88,25 @@ def test_fsdp2_two_processes_resume_and_export(tiny_model_dir, pairs_file, tmp_p
     run("fsdp2_fit.py", tiny_model_dir, pairs_file, replicated, 2, "--replicate", cwd=tmp_path)
     for step, value in losses(replicated).items():
         assert value == pytest.approx(straight[step], abs=1e-5)
+
+
+def test_ddp_precomputed_reference_each_rank_scores_its_shard(tiny_model_dir, pairs_file, tmp_path):
+    """12 train + 4 validation pairs, eval batches of 2: each of 2 ranks scores 3 + 1 batches,
+    half of what one process would, and training matches the online reference."""
+
+    def fit(reference):
+        out = tmp_path / reference
+        out.mkdir()
+        run("ddp_fit.py", tiny_model_dir, pairs_file, out, reference, cwd=tmp_path)
+        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    online, cached = fit("copy"), fit("precomputed")
+    assert [r["reference_batches"] for r in cached] == [4, 4]
+    assert [r["reference_batches"] for r in online] == [0, 0]
+    for name, value in online[0]["policy"].items():
+        torch.testing.assert_close(cached[0]["policy"][name], value, atol=1e-6, rtol=1e-5)
+        assert torch.equal(cached[0]["policy"][name], cached[1]["policy"][name])
+    for key in ("train/loss", "val/loss"):
+        assert cached[0]["metrics"][key].item() == pytest.approx(
+            online[0]["metrics"][key].item(), abs=1e-5
+        )

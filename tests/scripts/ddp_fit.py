@@ -1,6 +1,7 @@
 """Fit DPO with 2 CPU processes (DDP, gloo) and save each rank's policy: run by test_cli.py.
 
-Usage: python ddp_fit.py MODEL_DIR DATA_FILE OUT_DIR
+Usage: python ddp_fit.py MODEL_DIR DATA_FILE OUT_DIR [REFERENCE]
+REFERENCE: e.g. `precomputed` (cached under OUT_DIR/cache); the reference passes are counted.
 """
 
 import sys
@@ -8,12 +9,27 @@ import sys
 import lightning as L
 import torch
 
+import lit_dpo.reference
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.module import DPOModule
 
 model_dir, data_file, out = sys.argv[1:4]
+reference = sys.argv[4] if len(sys.argv) > 4 else None
+reference_batches = 0
+score = lit_dpo.reference.sequence_logps
+
+
+def counted(*args, **kwargs):
+    global reference_batches
+    reference_batches += 1
+    return score(*args, **kwargs)
+
+
+lit_dpo.reference.sequence_logps = counted
 L.seed_everything(0)
-module = DPOModule(model_dir, lr_scheduler=None)
+module = DPOModule(
+    model_dir, lr_scheduler=None, reference=reference, reference_cache_dir=f"{out}/cache"
+)
 data = PreferenceDataModule(data_file, tokenizer=model_dir, batch_size=2, val_fraction=0.25)
 trainer = L.Trainer(
     accelerator="cpu",
@@ -31,6 +47,7 @@ torch.save(
         "policy": module.policy.state_dict(),
         "metrics": trainer.callback_metrics,
         "batches": trainer.num_training_batches,
+        "reference_batches": reference_batches,
     },
     f"{out}/rank{trainer.global_rank}.pt",
 )

@@ -74,6 +74,29 @@ def test_tiny_config_fits_end_to_end_and_reruns(tiny_model_dir, pairs_file, tmp_
 
 
 @pytest.mark.parametrize(
+    "levers",
+    [
+        ["--model.lora.r", "4", "--model.reference", "adapter", "--data.packing", "true"],
+        ["--model.reference", "precomputed", "--data.group_by_length", "true"],
+    ],
+    ids=["lora-adapter-packed", "precomputed-grouped"],
+)
+def test_memory_levers_from_the_command_line(levers, tiny_model_dir, pairs_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.dataset", pairs_file]
+    args += ["--model.model_name_or_path", tiny_model_dir, "--trainer.default_root_dir"]
+    args += [str(tmp_path), "--model.reference_cache_dir", str(tmp_path / "cache"), *levers]
+    run = lit_dpo(*args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hf = tmp_path / "lightning_logs" / "version_0" / "hf"
+    exported = AutoModelForCausalLM.from_pretrained(hf)  # plain (merged) weights
+    assert not any("lora" in k for k in exported.state_dict())
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in exported.state_dict().items())
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         (["--model.loss_type", "dpo"], "loss_type"),

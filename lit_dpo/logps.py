@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+LOGITS_PER_CHUNK = 2**24  # default chunk: 16M logits (64 MB in fp32), at any vocabulary size
 
 
 class SequenceLogps(NamedTuple):
@@ -28,7 +29,7 @@ def completion_logps(
     hidden: Tensor,
     labels: Tensor,
     lm_head: nn.Module,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     softcap: float | None = None,
     row_ids: Tensor | None = None,
     n_rows: int | None = None,
@@ -39,7 +40,8 @@ def completion_logps(
         hidden: (N, T, H) last hidden states; position t predicts token t + 1.
         labels: (N, T) token ids aligned with the inputs (not shifted), `-100` on prompt and pad.
         lm_head: maps (n, H) -> (n, V).
-        chunk_size: completion tokens per LM-head call.
+        chunk_size: completion tokens per LM-head call. None: as many as keep a chunk's logits
+            within `LOGITS_PER_CHUNK` (1024 tokens would be 400 MB of fp32 logits at V = 100k).
         softcap: final logit soft-capping (Gemma 2's `final_logit_softcapping`), if any.
         row_ids: (N, T) the sequence each token belongs to, for packed batches (several
             sequences in one row); None: each of the N rows is one sequence.
@@ -63,6 +65,9 @@ def completion_logps(
     if (n_tokens == 0).any():
         empty = (n_tokens == 0).nonzero().flatten().tolist()
         raise ValueError(f"rows {empty} have no completion tokens to score")
+
+    if chunk_size is None:
+        chunk_size = max(1, LOGITS_PER_CHUNK // getattr(lm_head, "out_features", 16384))
 
     def score(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = lm_head(h)  # (chunk, V), upcast: log-softmax needs at least fp32
@@ -107,7 +112,7 @@ class _CompletionHead(nn.Module):
 
 
 def sequence_logps(
-    model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024
+    model: nn.Module, batch: dict[str, Tensor], chunk_size: int | None = None
 ) -> SequenceLogps:
     """Log-probs of the completions in a collated `batch` under a Hugging Face causal LM.
 

@@ -161,7 +161,7 @@ class DPOModule(PolicyModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
-        logps_chunk_size: PositiveInt = 1024,
+        logps_chunk_size: PositiveInt | None = None,
         compile: bool = False,
     ):
         """Direct Preference Optimization of a causal LM against a frozen reference.
@@ -207,7 +207,8 @@ class DPOModule(PolicyModule):
             disable_dropout: set every dropout in the policy to 0, so that at step 0 the policy
                 and the reference give the same log-probs (loss exactly ln 2).
             trust_remote_code: allow model repositories to run their own Python code.
-            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs.
+            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs;
+                None: sized so a chunk's fp32 logits stay within 64 MB at any vocabulary.
             compile: `torch.compile` each decoder layer of the policy.
         """
         super().__init__()
@@ -245,7 +246,7 @@ class DPOModule(PolicyModule):
             raise ValueError(f"loss_weights must be finite, got {self.loss_weights}")
         if reference_free and ref_model_name_or_path:
             raise ValueError("reference_free builds no reference: unset ref_model_name_or_path")
-        if logps_chunk_size < 1:
+        if logps_chunk_size is not None and logps_chunk_size < 1:
             raise ValueError(f"logps_chunk_size must be at least 1, got {logps_chunk_size}")
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")

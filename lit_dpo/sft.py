@@ -26,7 +26,7 @@ class SFTModule(PolicyModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
-        logps_chunk_size: int = 1024,
+        logps_chunk_size: int | None = None,
     ):
         """Supervised fine-tuning of a causal LM on the completion tokens of collated batches.
 
@@ -48,7 +48,8 @@ class SFTModule(PolicyModule):
             gradient_checkpointing: recompute activations in backward to save memory.
             disable_dropout: set every dropout in the model to 0.
             trust_remote_code: allow model repositories to run their own Python code.
-            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs.
+            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs;
+                None: sized so a chunk's fp32 logits stay within 64 MB at any vocabulary.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

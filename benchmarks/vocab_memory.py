@@ -2,10 +2,11 @@
 completion-only, chunked log-probs against the usual full-logits computation.
 
 The model is a 2-layer Llama (hidden 64, so that weights stay small) whose vocabulary is the
-only thing that changes; the batch is 8 rows x 128 tokens with 96 completion tokens each. Memory is the rise of the process's
-resident set above its level before the step (Linux: `/proc/self/clear_refs` resets the peak),
-measured after a warm-up step so that gradients already exist. Weights and gradients grow with
-the vocabulary in both columns alike; the difference is the (rows, T, V) fp32 logits.
+only thing that changes; the batch is 8 rows x 128 tokens with 96 completion tokens each.
+Memory is the rise of the process's resident set above its level before the step (Linux:
+`/proc/self/clear_refs` resets the peak), measured after a warm-up step so that gradients
+already exist. Weights and their gradients grow with the vocabulary in both columns alike; the
+difference is the (rows, T, V) fp32 logits.
 
     python benchmarks/vocab_memory.py [--vocab 8192 32768 131072 262144]
 """

@@ -105,3 +105,20 @@ def test_packed_batch_equals_padded(attn, tokenizer):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         for n, grad in grads.items():
             torch.testing.assert_close(grad, want_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_default_chunks_hold_a_fixed_number_of_logits(monkeypatch):
+    """No LM-head call sees more than LOGITS_PER_CHUNK logits, whatever the vocabulary: memory
+    does not grow with V (measured in benchmarks/vocab_memory.py)."""
+    import lit_dpo.logps as logps
+
+    monkeypatch.setattr(logps, "LOGITS_PER_CHUNK", 4 * 1000)
+    for vocab in (500, 1000, 4000):
+        head = torch.nn.Linear(8, vocab)
+        calls = []
+        head.register_forward_hook(lambda m, args, out, calls=calls: calls.append(out.numel()))
+        labels = torch.randint(vocab, (3, 20))
+        labels[:, :2] = -100
+        out = logps.completion_logps(torch.randn(3, 20, 8), labels, head)
+        assert max(calls) <= 4000 and sum(calls) == 3 * 18 * vocab
+        assert torch.isfinite(out.sum).all()

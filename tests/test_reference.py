@@ -248,3 +248,12 @@ def test_precomputed_needs_a_datamodule(tiny_model_dir):
     module = DPOModule(tiny_model_dir, reference="precomputed")
     with pytest.raises(ValueError, match="needs a Trainer with a PreferenceDataModule"):
         module.configure_model()
+
+
+@pytest.mark.slow  # inductor compiles for about a minute on 2 cores
+def test_compiled_decoder_layers_give_the_eager_losses(tiny_model_dir, pairs_file, tmp_path):
+    eager, *_ = fit(tiny_model_dir, pairs_file, tmp_path, steps=2)
+    compiled, module, _ = fit(tiny_model_dir, pairs_file, tmp_path, steps=2, compile=True)
+    assert_losses_equal(compiled, eager, tol=1e-5)
+    compiled_layers = [m for m in module.policy.modules() if m._compiled_call_impl is not None]
+    assert len(compiled_layers) == 2  # each decoder layer

@@ -102,10 +102,11 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: Preference pairs per training batch (each pair gives two rows).
         eval_batch_size: Pairs per validation/test batch; None: `batch_size`.
         pad_to_multiple_of: Round each batch's length up to a multiple of this; None: no rounding.
-        packing: Padding-free batches: the 2B rows of a batch side by side in one sequence, each
-            with its own `position_ids` (transformers then attends within each row only), so no
-            compute goes to padding. Needs an attention that supports it (sdpa, eager,
-            flash_attention_2 in transformers >= 4.56). DPOModule only.
+        packing: Padding-free batches: the 2B sequences of a batch side by side in as few rows
+            as hold them, each with its own `position_ids` (transformers then attends within each
+            sequence only), so little compute goes to padding. Needs an attention that reads
+            packed position_ids (sdpa, eager, flash_attention_2 in transformers >= 4.56).
+            DPOModule only.
         group_by_length: Where packing is off: within each run of 64 batches of the (seeded)
             shuffle, order rows by length, so a batch holds rows of similar length and pads
             little. The order stays a function of (seed, epoch): resuming is still exact.
@@ -983,10 +984,12 @@ def collate_pairs(
     padding; they are not shifted (the log-prob code shifts). `index` (B,) holds each pair's
     row in its split, when the rows carry one.
 
-    packing: the 2B rows side by side in one row instead: `input_ids`, `labels`,
-    `position_ids` (restarting at 0 for every row) and `row_ids` (which row each token belongs
-    to), each (1, total tokens), and `n_rows` = 2B; no `attention_mask`. With
-    `pad_to_multiple_of`, the row is padded by a segment of its own (labels IGNORE_INDEX).
+    packing: the 2B sequences side by side instead, as few rows of the longest one's width as
+    hold them all (first fit, longest first): `input_ids`, `labels`, `position_ids` (restarting
+    at 0 for every sequence) and `row_ids` (which of the 2B sequences each token belongs to, -1
+    on padding), each (R, T) with R <= 2B, and `n_rows` = 2B; no `attention_mask`. Attention
+    stays within each sequence (transformers reads the restarts in `position_ids`), costs R T^2
+    rather than (2B T)^2 for one long row, and little compute goes to padding.
     """
     sequences = [(r["prompt_input_ids"], r["chosen_input_ids"]) for r in rows]
     sequences += [(r["prompt_input_ids"], r["rejected_input_ids"]) for r in rows]
@@ -1012,19 +1015,41 @@ def collate_pairs(
 def _pack(
     sequences: list[tuple[list[int], list[int]]], pad_token_id: int, pad_to_multiple_of: int | None
 ) -> dict[str, torch.Tensor | int]:
-    """(prompt, completion) sequences -> one packed row (see `collate_pairs`)."""
-    ids = [p + c for p, c in sequences]
-    labels = [[IGNORE_INDEX] * len(p) + c for p, c in sequences]
-    total = sum(map(len, ids))
-    pad = (-total) % pad_to_multiple_of if pad_to_multiple_of else 0
-    if pad:  # a segment of its own: attends only to itself and is never scored
-        ids.append([pad_token_id] * pad)
-        labels.append([IGNORE_INDEX] * pad)
+    """(prompt, completion) sequences -> rows of the longest sequence's width, each holding as
+    many sequences as fit (first fit, longest first), its padding a segment of its own."""
+    lengths = [len(p) + len(c) for p, c in sequences]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    rows: list[list[int]] = []  # sequence indices in each row
+    room: list[int] = []
+    for i in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([]), room.append(width)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        room[fit] -= lengths[i]
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    row_ids = torch.full(shape, -1, dtype=torch.long)  # -1: padding
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            (prompt, completion), n = sequences[i], lengths[i]
+            input_ids[r, at : at + n] = torch.tensor(prompt + completion)
+            labels[r, at + len(prompt) : at + n] = torch.tensor(completion)
+            position_ids[r, at : at + n] = torch.arange(n)
+            row_ids[r, at : at + n] = i
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # padding: a segment that restarts
     return {
-        "input_ids": torch.tensor([sum(ids, [])], dtype=torch.long),
-        "labels": torch.tensor([sum(labels, [])], dtype=torch.long),
-        "position_ids": torch.cat([torch.arange(len(x)) for x in ids])[None],
-        "row_ids": torch.cat([torch.full((len(x),), i) for i, x in enumerate(ids)])[None],
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "row_ids": row_ids,
         "n_rows": len(sequences),
     }
 

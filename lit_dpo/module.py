@@ -322,9 +322,10 @@ class DPOModule(PolicyModule):
     def forward(self, batch: dict[str, Tensor], stage: str = "train") -> dict[str, Tensor]:
         """Per-pair DPO quantities for a collated batch: `losses` (B,), `chosen_rewards`,
         `rejected_rewards` (B,) and the policy's `SequenceLogps` under `policy`."""
+        # The reference first: its activations are freed before the policy's are kept.
+        ref = self.reference_logps_of(batch, stage)
         policy = sequence_logps(self.policy, batch, self.hparams.logps_chunk_size)
         n = len(policy.sum) // 2
-        ref = self.reference_logps_of(batch, stage)
         if ref is None:  # reference-free: log pi_ref = 0
             ref = SequenceLogps(*(torch.zeros_like(t) for t in policy))
         total, rewards = 0.0, None

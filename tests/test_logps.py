@@ -84,7 +84,7 @@ def test_packed_batch_equals_padded(attn, tokenizer):
             "rejected_input_ids": torch.randint(6, 300, (r,), generator=g).tolist(),
             "index": i,
         }
-        for i, (n, c, r) in enumerate([(3, 5, 9), (7, 2, 4), (1, 11, 6)])
+        for i, (n, c, r) in enumerate([(3, 5, 9), (7, 2, 4), (1, 11, 6), (10, 14, 3)])
     ]
     model = build_model(320, attn_implementation=attn)
 
@@ -98,7 +98,7 @@ def test_packed_batch_equals_padded(attn, tokenizer):
     want, want_grads = run(padded)
     for multiple in (None, 16):
         packed = collate_pairs(rows, pad_token_id=0, packing=True, pad_to_multiple_of=multiple)
-        assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+        assert packed["input_ids"].shape[0] < 8 and "attention_mask" not in packed
         assert torch.equal(packed["index"], padded["index"])
         got, grads = run(packed)
         for a, b in zip(got, want, strict=True):

@@ -69,9 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(
-        "| vocabulary | lit_dpo peak rise MB | full logits peak rise MB | (rows, T, V) fp32 MB |"
-    )
+    print("| vocabulary | lit_dpo peak rise MB | full logits peak rise MB | (rows, T, V) fp32 MB |")
     print("|---|---|---|---|")
     for vocab in args.vocab:
         torch.manual_seed(0)

@@ -38,9 +38,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
-    "trl", "trl-precomputed", "online", "packed", "precomputed", "packed+precomputed", "compiled"
-)  # fmt: skip
-TRL_VARIANTS = ("trl", "trl-precomputed")
+    "trl",
+    "trl-precomputed",
+    "online",
+    "packed",
+    "precomputed",
+    "packed+precomputed",
+    "compiled",
+    "trl+gc",
+    "packed+gc",
+)  # fmt: skip; +gc: activation checkpointing on (TRL's default), compared with each other
+TRL_VARIANTS = ("trl", "trl-precomputed", "trl+gc")
 SIZES = {"tiny": dict(warmup=2, steps=10), "smollm2": dict(warmup=2, steps=5)}
 
 
@@ -357,6 +365,7 @@ def run_lit_dpo(spec: dict) -> dict:
     variant, workdir = spec["variant"], Path(spec["workdir"])
     data_options = {"packing": True} if "packed" in variant else {}
     module_options = {"compile": True} if variant == "compiled" else {}
+    module_options |= {"gradient_checkpointing": True} if variant.endswith("+gc") else {}
     if "precomputed" in variant:
         module_options = {
             "reference": "precomputed",
@@ -449,7 +458,7 @@ def run_trl(spec: dict) -> dict:
         max_steps=spec["warmup"] + spec["steps"],
         train_sampling_strategy="sequential",
         precompute_ref_log_probs=precompute,
-        gradient_checkpointing=False,  # TRL's default is True; lit_dpo's False
+        gradient_checkpointing=spec["variant"].endswith("+gc"),  # TRL's default: True
         bf16=False,  # TRL's default is True
         fp16=False,
         disable_dropout=True,
@@ -529,7 +538,8 @@ def add_summaries(report: dict) -> None:
     for variant, r in results.items():
         if variant in TRL_VARIANTS or "median_step_s" not in r:
             continue
-        bases = ["trl"] + (["trl-precomputed"] if "precomputed" in variant else [])
+        bases = ["trl+gc"] if variant.endswith("+gc") else ["trl"]
+        bases += ["trl-precomputed"] if "precomputed" in variant else []
         report["ratios"][variant] = [
             {
                 "vs": name,

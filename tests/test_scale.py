@@ -36,9 +36,9 @@ def run(script, *args, cwd):
     return done
 
 
-def losses(out):
-    ranks = [json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # the logged loss is the global one on both ranks
+def losses(out, key="losses"):
+    ranks = [json.loads((out / f"losses-rank{r}.json").read_text())[key] for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the global value on both ranks
     return {int(k): v for k, v in ranks[0].items()}
 
 
@@ -83,11 +83,42 @@ def test_fsdp2_two_processes_resume_and_export(tiny_model_dir, pairs_file, tmp_p
     for key in a:
         torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=1e-6, msg=key)
 
-    # a replicated reference gives the same losses as a sharded one
-    replicated = tmp_path / "replicated"
-    run("fsdp2_fit.py", tiny_model_dir, pairs_file, replicated, 2, "--replicate", cwd=tmp_path)
-    for step, value in losses(replicated).items():
-        assert value == pytest.approx(straight[step], abs=1e-5)
+    # a replicated or a precomputed reference gives the losses of the sharded one
+    for option in ("--replicate", "--precomputed"):
+        other = tmp_path / option.strip("-")
+        run("fsdp2_fit.py", tiny_model_dir, pairs_file, other, 2, option, cwd=tmp_path)
+        for step, value in losses(other).items():
+            assert value == pytest.approx(straight[step], abs=1e-5), option
+
+    # one process with both ranks' pairs in one batch: the same losses and global grad norms
+    import functools
+
+    import lightning as L
+
+    from lit_dpo.data import PreferenceDataModule
+    from lit_dpo.module import DPOModule
+
+    norms = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            norms[trainer.global_step - 1] = trainer.callback_metrics["train/grad_norm"].item()
+
+    L.seed_everything(0)
+    module = DPOModule(
+        tiny_model_dir, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), lr_scheduler=None
+    )
+    data = PreferenceDataModule(pairs_file, tokenizer=tiny_model_dir, batch_size=4,
+                                val_fraction=0.25)  # fmt: skip
+    L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path / "single"), callbacks=[Record()],
+    ).fit(module, data)  # fmt: skip
+    sharded_norms = losses(full, "grad_norms")
+    assert norms.keys() == sharded_norms.keys()
+    for step, value in norms.items():
+        assert sharded_norms[step] == pytest.approx(value, rel=1e-4), step
 
 
 def test_ddp_precomputed_reference_each_rank_scores_its_shard(tiny_model_dir, pairs_file, tmp_path):

@@ -3,6 +3,7 @@ test_scale.py. Saves a sharded checkpoint every step, exports the policy to one 
 and writes each rank's per-step losses.
 
 Usage: python fsdp2_fit.py MODEL_DIR DATA_FILE OUT_DIR MAX_STEPS [RESUME_CKPT] [--replicate]
+       [--precomputed]
 """
 
 import json
@@ -24,12 +25,14 @@ resume = args[4] if len(args) > 4 else None
 
 class Losses(Callback):
     def __init__(self):
-        self.losses = {}
+        self.losses, self.grad_norms = {}, {}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        # the step's loss over both ranks' pairs, keyed by the step it was computed at
+        # the step's loss over both ranks' pairs and its logged gradient norm, keyed by the step
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
         self.losses[trainer.global_step - 1] = loss.item()
+        norm = trainer.callback_metrics["train/grad_norm"].item()
+        self.grad_norms[trainer.global_step - 1] = norm
 
 
 L.seed_everything(0)
@@ -38,6 +41,8 @@ module = DPOModule(
     optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
     lr_scheduler=None,
     reference_sharding="replicate" if "--replicate" in sys.argv else "shard",
+    reference="precomputed" if "--precomputed" in sys.argv else None,
+    reference_cache_dir=f"{out}/cache",
 )
 data = PreferenceDataModule(data_file, tokenizer=model_dir, batch_size=2, val_fraction=0.25)
 losses = Losses()
@@ -60,4 +65,4 @@ trainer = L.Trainer(
 )
 trainer.fit(module, data, ckpt_path=resume)
 with open(f"{out}/losses-rank{trainer.global_rank}.json", "w") as f:
-    json.dump(losses.losses, f)
+    json.dump({"losses": losses.losses, "grad_norms": losses.grad_norms}, f)

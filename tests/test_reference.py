@@ -231,19 +231,6 @@ def test_grad_norm_is_logged_before_clipping(tiny_model_dir, pairs_file, tmp_pat
     assert norm > 1e-3  # the norm before clipping, not the clipped 1e-3
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"reference": "separate"}, "a separate reference needs the path"),
-        ({"reference": "adapter"}, "needs lora"),
-        ({"reference": "precomputed", "reference_free": True}, "reference_free builds no"),
-    ],
-)
-def test_refuses_inconsistent_reference_settings(tiny_model_dir, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DPOModule(tiny_model_dir, **kwargs)
-
-
 def test_precomputed_needs_a_datamodule(tiny_model_dir):
     module = DPOModule(tiny_model_dir, reference="precomputed")
     with pytest.raises(ValueError, match="needs a Trainer with a PreferenceDataModule"):

@@ -552,6 +552,24 @@ BAD_SETTINGS = {
         lambda: DPOModule("unused", reference_free=True, loss_type=["sigmoid", "apo_zero"]),
         "loss_type ['apo_zero'] needs a reference model; unset reference_free",
     ),
+    "separate-reference-without-its-path": (
+        lambda: DPOModule("unused", reference="separate"),
+        "reference='separate' and ref_model_name_or_path=None: a separate reference needs the "
+        "path; copy and adapter take none",
+    ),
+    "copy-reference-with-a-path": (
+        lambda: DPOModule("unused", reference="copy", ref_model_name_or_path="sft-model"),
+        "reference='copy' and ref_model_name_or_path='sft-model': a separate reference needs the "
+        "path; copy and adapter take none",
+    ),
+    "adapter-reference-without-lora": (
+        lambda: DPOModule("unused", reference="adapter"),
+        "reference='adapter' needs lora: the reference is the policy with its adapters disabled",
+    ),
+    "reference-free-with-a-reference-strategy": (
+        lambda: DPOModule("unused", reference="precomputed", reference_free=True),
+        "reference_free builds no reference: unset reference='precomputed'",
+    ),
 }
 
 

@@ -122,3 +122,27 @@ def test_default_chunks_hold_a_fixed_number_of_logits(monkeypatch):
         out = logps.completion_logps(torch.randn(3, 20, 8), labels, head)
         assert max(calls) <= 4000 and sum(calls) == 3 * 18 * vocab
         assert torch.isfinite(out.sum).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "qwen2"])
+def test_other_architectures_match_full_logits(family):
+    """The paper's GPT-2 and Pythia (GPT-NeoX), and Qwen2: the swapped LM head works for each."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_dpo.logps import sequence_logps
+
+    sizes = {
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64),
+        "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64),
+    }  # fmt: skip
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=320, **sizes[family])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask, labels = make_batch()
+    want = naive(model, ids, mask, labels)
+    got = sequence_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -38,6 +38,9 @@ p.add_argument("--kill-at", type=int)
 p.add_argument("--interrupt-at", type=int)
 p.add_argument("--resume")
 args = p.parse_args()
+# As in a terminal: a process started in the background by a non-interactive shell inherits
+# SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 L.seed_everything(0)
 module = DPOModule(

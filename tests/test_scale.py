@@ -83,6 +83,12 @@ def test_fsdp2_two_processes_resume_and_export(tiny_model_dir, pairs_file, tmp_p
     for key in a:
         torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=1e-6, msg=key)
 
+    # bf16 weights, sharded: still ln 2 at step 0 (policy = reference), and it trains
+    bf16 = tmp_path / "bf16"
+    run("fsdp2_fit.py", tiny_model_dir, pairs_file, bf16, 3, "--bf16-true", cwd=tmp_path)
+    bf16_losses = losses(bf16)
+    assert bf16_losses[0] == pytest.approx(0.6931472, abs=1e-6) and bf16_losses[2] < 0.69
+
     # a replicated or a precomputed reference gives the losses of the sharded one
     for option in ("--replicate", "--precomputed"):
         other = tmp_path / option.strip("-")

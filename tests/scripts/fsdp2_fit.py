@@ -3,7 +3,7 @@ test_scale.py. Saves a sharded checkpoint every step, exports the policy to one 
 and writes each rank's per-step losses.
 
 Usage: python fsdp2_fit.py MODEL_DIR DATA_FILE OUT_DIR MAX_STEPS [RESUME_CKPT] [--replicate]
-       [--precomputed]
+       [--precomputed] [--bf16-true]
 """
 
 import json
@@ -53,6 +53,7 @@ trainer = L.Trainer(
     max_steps=int(max_steps),
     logger=False,
     enable_progress_bar=False,
+    precision="bf16-true" if "--bf16-true" in sys.argv else "32-true",
     enable_model_summary=False,
     limit_val_batches=0,
     num_sanity_val_steps=0,

@@ -307,7 +307,7 @@ class DPOModule(PolicyModule):
                 if type(module).__name__ in blocks:
                     module.compile()
         self.shard(self.policy)
-        if mode == "precomputed":
+        if mode == "precomputed" and self._trainer is not None:  # not needed to load or export
             self.reference_logps = ref_cache.load_or_compute(self)
 
     def train(self, mode: bool = True):
@@ -354,6 +354,11 @@ class DPOModule(PolicyModule):
             with self.policy.disable_adapter():
                 return sequence_logps(self.policy, batch, chunk)
         if self.reference_mode == "precomputed":
+            if self.reference_logps is None:
+                raise ValueError(
+                    "reference='precomputed' needs a Trainer with a PreferenceDataModule: its "
+                    "log-probs are computed when the Trainer sets the module up"
+                )
             return ref_cache.lookup(self.reference_logps, batch["index"], STAGE_SPLITS[stage])
         return None
 

@@ -231,10 +231,19 @@ def test_grad_norm_is_logged_before_clipping(tiny_model_dir, pairs_file, tmp_pat
     assert norm > 1e-3  # the norm before clipping, not the clipped 1e-3
 
 
-def test_precomputed_needs_a_datamodule(tiny_model_dir):
+def test_precomputed_needs_a_datamodule_but_not_to_load(tiny_model_dir, pairs_file, tmp_path):
+    from test_module import pairs_batch
+
     module = DPOModule(tiny_model_dir, reference="precomputed")
+    module.configure_model()  # loading (e.g. to export a checkpoint) computes nothing
     with pytest.raises(ValueError, match="needs a Trainer with a PreferenceDataModule"):
-        module.configure_model()
+        module(pairs_batch() | {"index": torch.arange(4)})
+
+    _, module, trainer = fit(tiny_model_dir, pairs_file, tmp_path, steps=1, reference="precomputed")
+    trainer.save_checkpoint(tmp_path / "pre.ckpt")
+    loaded = DPOModule.load_from_checkpoint(tmp_path / "pre.ckpt", weights_only=True)
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(loaded.policy.state_dict()[name], value), name
 
 
 @pytest.mark.slow  # inductor compiles for about a minute on 2 cores

@@ -996,11 +996,11 @@ def collate_pairs(
     batch = {}
     if "index" in rows[0]:
         batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
-    if packing:
-        return batch | _pack(sequences, pad_token_id, pad_to_multiple_of)
     T = max(len(p) + len(c) for p, c in sequences)
     if pad_to_multiple_of:
         T = math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of
+    if packing:
+        return batch | _pack(sequences, pad_token_id, width=T)
     input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
     labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)
@@ -1013,20 +1013,19 @@ def collate_pairs(
 
 
 def _pack(
-    sequences: list[tuple[list[int], list[int]]], pad_token_id: int, pad_to_multiple_of: int | None
+    sequences: list[tuple[list[int], list[int]]], pad_token_id: int, width: int
 ) -> dict[str, torch.Tensor | int]:
-    """(prompt, completion) sequences -> rows of the longest sequence's width, each holding as
-    many sequences as fit (first fit, longest first), its padding a segment of its own."""
+    """(prompt, completion) sequences -> rows of `width` tokens (at least the longest
+    sequence), each holding as many sequences as fit (first fit, longest first), its padding a
+    segment of its own."""
     lengths = [len(p) + len(c) for p, c in sequences]
-    width = max(lengths)
-    if pad_to_multiple_of:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
     rows: list[list[int]] = []  # sequence indices in each row
     room: list[int] = []
     for i in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
         fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
         if fit is None:
-            rows.append([]), room.append(width)
+            rows.append([])
+            room.append(width)
             fit = len(rows) - 1
         rows[fit].append(i)
         room[fit] -= lengths[i]

@@ -107,17 +107,15 @@ class PolicyModule(L.LightningModule):
         return policy
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """Under ModelParallelStrategy: FSDP2 `fully_shard` on each decoder layer (the classes
-        the model names in `_no_split_modules`), then on the whole model. Else unchanged."""
+        """Under ModelParallelStrategy: FSDP2 `fully_shard` on each decoder layer, then on the
+        whole model. Else unchanged."""
         if not isinstance(self._trainer and self.trainer.strategy, ModelParallelStrategy):
             return model
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        blocks = set(getattr(model, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -302,10 +300,8 @@ class DPOModule(PolicyModule):
         if hp.gradient_checkpointing:  # after the copy: the reference never needs it
             self.policy.gradient_checkpointing_enable({"use_reentrant": False})
         if hp.compile:
-            blocks = set(getattr(self.policy, "_no_split_modules", None) or ())
-            for module in self.policy.modules():
-                if type(module).__name__ in blocks:
-                    module.compile()
+            for layer in decoder_layers(self.policy):
+                layer.compile()
         self.shard(self.policy)
         if mode == "precomputed" and self._trainer is not None:  # not needed to load or export
             self.reference_logps = ref_cache.load_or_compute(self)
@@ -409,7 +405,7 @@ class DPOModule(PolicyModule):
             root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             path = root / f"nonfinite-batch-step{self.global_step}-rank{self.global_rank}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: getattr(v, "cpu", lambda v=v: v)() for k, v in batch.items()}, path)
+            torch.save({k: v.cpu() if isinstance(v, Tensor) else v for k, v in batch.items()}, path)
             where += f" (loss {loss.item()}); the batch is saved to {path}"
         raise FloatingPointError(f"non-finite training loss at {where}")
 
@@ -428,7 +424,8 @@ class DPOModule(PolicyModule):
         if isinstance(self._trainer and self.trainer.strategy, ModelParallelStrategy):
             return set()
         frozen = {f"policy.{n}" for n, p in self.policy.named_parameters() if not p.requires_grad}
-        return frozen | {k for k in self.state_dict() if k.startswith("reference.")}
+        reference = self.reference.state_dict() if self.reference is not None else {}
+        return frozen | {f"reference.{k}" for k in reference}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -445,6 +442,13 @@ class DPOModule(PolicyModule):
 
 
 STAGE_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the classes it names in `_no_split_modules` (transformers),
+    e.g. LlamaDecoderLayer. The unit of FSDP2 sharding and of per-layer compilation."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in blocks]
 
 
 def _key(metric_name: str) -> str:

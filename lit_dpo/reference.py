@@ -120,17 +120,12 @@ def write(path: Path, key: str, table: dict[str, Tensor]) -> None:
 def compute(module: DPOModule, dm, datasets: dict) -> dict[str, Tensor]:
     """Score every split once: each rank its DistributedSampler shard, gathered to all ranks.
 
-    The model is the separate reference if one was loaded, else the policy itself, which at
-    this point (configure_model, before any checkpoint is restored) holds its initial weights.
+    The model is the one at `ref_model_name_or_path`, loaded for this pass only, else the
+    policy itself, which at this point (configure_model, before any checkpoint is restored)
+    holds its initial weights.
     """
-    trainer = module.trainer
-    model = module.reference
-    if model is None:
-        model = (
-            module.load_model(module.hparams.ref_model_name_or_path)
-            if (module.hparams.ref_model_name_or_path)
-            else module.policy
-        )
+    trainer, path = module.trainer, module.hparams.ref_model_name_or_path
+    model = module.load_model(path) if path else module.policy
     device = trainer.strategy.root_device
     was_training = model.training
     model.eval().to(device)

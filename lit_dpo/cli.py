@@ -3,7 +3,6 @@
 lit-dpo fit --config configs/sentiment-smollm2.yaml
 lit-dpo fit --config configs/tiny.yaml --model.beta 0.5 --print_config
 lit-dpo export --ckpt_path runs/x/checkpoints/last.ckpt --output_dir runs/x/hf
-lit-dpo pairs sentiment --out_dir data/sentiment --n_prompts 200 --seed 0
 """
 
 from __future__ import annotations
@@ -32,12 +31,10 @@ def main(args: list[str] | None = None) -> None:
     """Entry point; `args` (default: the command line) lets tests and notebooks call it."""
     argv = sys.argv[1:] if args is None else args
     try:
-        if argv[:1] in (["export"], ["pairs"]):  # tools that are not Trainer runs
+        if argv[:1] == ["export"]:  # a tool, not a Trainer run
             from jsonargparse import auto_cli
 
-            from lit_dpo.sentiment import build_pairs
-
-            auto_cli({"export": export_checkpoint, "pairs": {"sentiment": build_pairs}}, args=argv)
+            auto_cli({"export": export_checkpoint}, args=argv)
             return
         DPOCLI(
             DPOModule,

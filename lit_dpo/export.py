@@ -13,7 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
-from lit_dpo.hub import atomic_dir, resolve
+from lit_dpo.hub import resolve
+from lit_dpo.module import DPOModule
+from lit_dpo.utils import atomic_dir
 
 
 def export_policy(module, out_dir: str | Path) -> Path:
@@ -50,8 +52,6 @@ def export_checkpoint(*, ckpt_path: str, output_dir: str) -> None:
             or the directory of a sharded checkpoint (ModelParallelStrategy).
         output_dir: where to write `model.safetensors`, `config.json` and the tokenizer.
     """
-    from lit_dpo.module import DPOModule
-
     if Path(ckpt_path).is_dir():  # sharded (FSDP2, torch.distributed.checkpoint): consolidate
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 

@@ -7,40 +7,23 @@ A policy trained with DPO against a reference defines the reward (DPO paper, Eq.
 up to a function of the prompt alone, so rewards compare responses to the same prompt (ranking,
 best-of-N), not across prompts. Log-probs are summed over the response tokens, EOS included, the
 way DPOModule computes them in training. Responses given as text are tokenized by the data
-module's own rules (`lit_dpo.data.tokenize_split`: chat template, BOS once, EOS once), so a
+module's own rules (`lit_dpo.data.tokenize_completions`: chat template, BOS once, EOS once), so a
 (prompt, response) here gets exactly the reward DPOModule would log for it in a pair.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import datasets
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from lit_dpo.data import collate_pairs, tokenize_split
+from lit_dpo.data import collate_sequences, tokenize_completions
 from lit_dpo.logps import sequence_logps
+from lit_dpo.utils import eval_mode, model_device, pad_token_id
 
 Messages = list[dict[str, str]]
-_NO_LIMIT = 1 << 30  # max_length for tokenize_split: score the whole text, never truncate
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module | None) -> Iterator[None]:
-    """Put `models` in eval mode under no_grad, then restore each one's previous mode."""
-    models = [m for m in models if m is not None]
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes, strict=True):
-            m.train(mode)
 
 
 def tokenize_responses(
@@ -48,54 +31,20 @@ def tokenize_responses(
     prompts: Sequence[str | Messages],
     responses: Sequence[str | Messages],
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids) per (prompt, response), tokenized as PreferenceDataModule does.
+    """(prompt ids, response ids) per (prompt, response), tokenized as PreferenceDataModule
+    tokenizes `prompt`/`completion` rows, whole (never truncated).
 
     A string prompt is one user message when the tokenizer has a chat template (the response
     then is one assistant message), plain text otherwise; message lists are used as given.
     """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if not prompts:
-        return [], []
-    chat = bool(tokenizer.chat_template) or not isinstance(prompts[0], str)
+    if prompts and (tokenizer.chat_template or not isinstance(prompts[0], str)):
 
-    def as_messages(value: str | Messages, role: str) -> Messages:
-        return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+        def as_messages(value: str | Messages, role: str) -> Messages:
+            return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
-    if chat:
-        rows = {
-            "prompt": [as_messages(p, "user") for p in prompts],
-            "chosen": [as_messages(r, "assistant") for r in responses],
-        }
-    else:
-        rows = {"prompt": list(prompts), "chosen": list(responses)}
-    rows["rejected"] = rows["chosen"]  # one response scored: a pair of it with itself
-    tokenized, stats = tokenize_split(
-        datasets.Dataset.from_dict(rows),
-        tokenizer,
-        "implicit_reward",
-        max_length=_NO_LIMIT,
-        max_prompt_length=_NO_LIMIT,
-        keep_end=True,
-    )
-    if stats["dropped"]:
-        raise ValueError(f"{stats['dropped']} (prompt, response) rows could not be tokenized")
-    return tokenized["prompt_input_ids"], tokenized["chosen_input_ids"]
-
-
-def completion_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
-) -> dict[str, Tensor]:
-    """One right-padded batch (N, T) of prompt + completion rows, labels on the completion only:
-    the first half of `collate_pairs`' layout, so it is scored exactly like a training pair."""
-    rows = [
-        {"prompt_input_ids": list(p), "chosen_input_ids": list(c), "rejected_input_ids": []}
-        for p, c in zip(prompt_ids, completion_ids, strict=True)
-    ]
-    batch = collate_pairs(rows, pad_token_id)  # (2N, T); the empty "rejected" half is dropped
-    return {k: v[: len(rows)] for k, v in batch.items()}
+        prompts = [as_messages(p, "user") for p in prompts]
+        responses = [as_messages(r, "assistant") for r in responses]
+    return tokenize_completions(tokenizer, prompts, responses, where="implicit_reward")
 
 
 def log_ratios(
@@ -112,13 +61,12 @@ def log_ratios(
     no_grad and given back in the mode they came in. Rows are right-padded, so every row's
     positions start at 0, as in training and in left-padded generation.
     """
+    sequences = list(zip(prompt_ids, completion_ids, strict=True))
     out = []
     with eval_mode(policy, reference):
-        for i in range(0, len(prompt_ids), batch_size):
-            batch = completion_batch(
-                prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], pad_token_id
-            )
-            batch = {k: v.to(_device(policy)) for k, v in batch.items()}
+        for i in range(0, len(sequences), batch_size):
+            batch = collate_sequences(sequences[i : i + batch_size], pad_token_id)  # (N, T)
+            batch = {k: v.to(model_device(policy)) for k, v in batch.items()}
             ratio = sequence_logps(policy, batch).sum
             if reference is not None:
                 ratio = ratio - sequence_logps(reference, batch).sum.to(ratio.device)
@@ -151,7 +99,7 @@ def implicit_reward(
     """
     prompt_ids, response_ids = tokenize_responses(tokenizer, prompts, responses)
     return beta * log_ratios(
-        policy, reference, prompt_ids, response_ids, _pad(tokenizer), batch_size
+        policy, reference, prompt_ids, response_ids, pad_token_id(tokenizer), batch_size
     )
 
 
@@ -182,12 +130,3 @@ def best_of_n(
     rewards = rewards.view(len(prompts), n.pop())  # (P, N)
     best = rewards.argmax(1).tolist()
     return [c[i] for c, i in zip(candidates, best, strict=True)], rewards
-
-
-def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad is None else pad
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -97,3 +97,40 @@ def test_rewards_are_detached():
 def test_unknown_loss_names_the_choices():
     with pytest.raises(ValueError, match="unknown loss_type 'dpo'.*sigmoid"):
         get_loss("dpo")
+
+
+# -- the extension point: a loss registered outside lit_dpo (docs/architecture.md's recipe) -----
+
+
+def margin_sigmoid(pc, pr, rc, rr, *, beta, label_smoothing=0.0):
+    """DPO with a target margin gamma = 0.5 (SimPO's margin term, Meng et al. 2024, Eq. 6):
+    loss = -log sigma(beta Delta - 0.5)."""
+    logits = beta * ((pc - rc) - (pr - rr)) - 0.5
+    rewards = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+    return (-torch.nn.functional.logsigmoid(logits), *rewards)
+
+
+@pytest.fixture
+def registered_margin_loss():
+    from lit_dpo.losses import Loss
+
+    LOSSES["margin_sigmoid"] = Loss(margin_sigmoid)
+    yield "margin_sigmoid"
+    del LOSSES["margin_sigmoid"]
+
+
+def test_a_loss_registered_outside_the_core_drives_the_module(
+    tiny_model_dir, registered_margin_loss
+):
+    """At step 0 the policy is its reference, Delta = 0, so every pair's loss is
+    -log sigma(-0.5) = log(1 + e^0.5) = 0.9740770 (the docstring's log sigma(-0.5)), and the
+    pair's test value: beta Delta = 1, -log sigma(0.5) = 0.4740770."""
+    from test_module import pairs_batch
+
+    from lit_dpo.module import DPOModule
+
+    assert run(registered_margin_loss, 0.5, 0.0)[0] == pytest.approx(0.4740770, abs=1e-6)
+    module = DPOModule(tiny_model_dir, loss_type=registered_margin_loss)
+    module.configure_model()
+    losses = module(pairs_batch())["losses"]
+    assert losses.tolist() == pytest.approx([0.9740770] * 4, abs=1e-6)

@@ -130,9 +130,15 @@ def test_completion_rows_are_pairs_of_the_completion_with_itself(tokenizer):
             "Q: a\n\nAssistant: The dog",
             ("Q: a\n\nAssistant:", " The cat", " The dog"),
         ),
-        ("Say: the cat", "Say: the dog", ("Say: the", " cat", " dog")),
-        ("Say: That one", "Say: The one", ("Say:", " That one", " The one")),  # not mid-word
-        ("Say: hi", "Say: hi there", ("Say:", " hi", " hi there")),  # no empty completion
+        (  # several turns: the prompt ends after the last "Assistant:" both share
+            "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: The cat",
+            "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: The dog",
+            ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:", " The cat", " The dog"),
+        ),
+        # no Anthropic-HH turn: where the prompt ends would be a guess, so there is none (the
+        # row is refused: tests/test_validation.py, "implicit-text-without-hh-turn")
+        ("Say: the cat", "Say: the dog", ("", "Say: the cat", "Say: the dog")),
+        ("Say: hi", "Say: hi there", ("", "Say: hi", "Say: hi there")),
     ],
 )
 def test_split_text_prompt(chosen, rejected, expected):
@@ -257,7 +263,8 @@ def test_truncation_counts(tokenizer, caplog):
     rows = [
         PAIR,
         {**PAIR, "prompt": long_text},
-        {**PAIR, "chosen": long_text, "rejected": long_text + " indeed"},
+        # differing early: differing only past max_length, they would tie (a bad row)
+        {**PAIR, "chosen": long_text, "rejected": " indeed" + long_text},
         {**PAIR, "prompt": long_text},
     ]
     data = datasets.DatasetDict(

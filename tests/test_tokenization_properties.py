@@ -3,7 +3,8 @@
 Random unicode prompts and completions (emoji, combining marks, zero-width and plain
 whitespace, empty strings) and random length limits go through PreferenceDataModule and its
 DataLoader with the tiny tokenizer. Rows that validation must refuse (a blank field, chosen
-identical to rejected) are skipped; on every other row of the collated (2B, T) batch:
+identical to rejected before or after truncation, a repeated prompt) are skipped; on every
+other row of the collated (2B, T) batch:
 
 - the prompt's tokens (all of them, or their cut when the row is too long) start both rows;
 - labels are IGNORE_INDEX exactly on the prompt and the padding, the input ids elsewhere;
@@ -42,10 +43,32 @@ def rejects(tmp_path_factory):
 
 def usable(row: dict[str, str]) -> bool:
     """What validation must let through: no blank field, completions that differ (they lose
-    trailing whitespace)."""
-    return (
-        all(v.strip() for v in row.values()) and row["chosen"].rstrip() != row["rejected"].rstrip()
+    trailing whitespace), not both opening with a prompt of three words or more (a repeated
+    prompt)."""
+    prompt = row["prompt"].strip()
+    repeated = len(prompt.split()) > 2 and all(
+        row[k].lstrip().startswith(prompt) for k in ("chosen", "rejected")
     )
+    return (
+        all(v.strip() for v in row.values())
+        and row["chosen"].rstrip() != row["rejected"].rstrip()
+        and not repeated
+    )
+
+
+def tied(tokenizer, row: dict[str, str], max_length: int, max_prompt_length: int) -> bool:
+    """Whether chosen and rejected are the same tokens once the row is cut to max_length (they
+    differed only past it): a tie, refused like a bad row."""
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    c, r = (
+        tokenizer(row[k].rstrip(), add_special_tokens=False)["input_ids"] + eos
+        for k in ("chosen", "rejected")
+    )
+    if len(prompt) + max(len(c), len(r)) > max_length:
+        room = max_length - min(len(prompt), max_prompt_length)
+        c, r = c[:room], r[:room]
+    return c == r
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,7 +86,11 @@ def test_tokenized_pairs_keep_their_invariants(tokenizer, rejects, rows, limits,
         on_bad_rows="skip",
         rejects_path=rejects,
     )
-    kept = [row for row in rows if usable(row)]
+    kept = [
+        row
+        for row in rows
+        if usable(row) and not tied(tokenizer, row, max_length, max_prompt_length)
+    ]
     if not kept:
         with pytest.raises(ValueError, match="no rows left to train on"):
             dm.setup("fit")

@@ -3,9 +3,11 @@
 Every rule about what a row may hold and how it becomes tokens lives in this package, one job a
 file, each importing only the ones before it:
 
-- `sources`: splits from the Hub, a file, a directory of split files or memory; file diagnosis;
-- `formats`: the row formats (pair, implicit prompt, completion), one class each, and their
-  registry: `register_format` adds one;
+- `files`: data files read by us, on failure paths: the line at fault, where each row is;
+- `sources`: splits from the Hub, a file, a directory of split files or memory;
+- `values`: what one field may hold (text, or {role, content} messages);
+- `formats`: the row formats (pair, conversation, implicit prompt, completion), one class each,
+  and their registry: `register_format` adds one;
 - `validation`: the bad-row policy (`on_bad_rows`) and the rejects file;
 - `tokenize`: rows -> token ids (chat template, BOS once, EOS once, truncation);
 - `collate`: batches, packing, length-grouped sampling;
@@ -13,19 +15,18 @@ file, each importing only the ones before it:
 """
 
 from lit_dpo.data.collate import LengthGroupedSampler, collate_pairs, collate_sequences
+from lit_dpo.data.files import file_problem, row_labels
 from lit_dpo.data.formats import (
     FORMATS,
-    ROLES,
     Format,
     detect_format,
-    field_problem,
     identical_problem,
     register_format,
     split_message_prompt,
     split_text_prompt,
 )
 from lit_dpo.data.module import PreferenceDataModule
-from lit_dpo.data.sources import file_problem, load_splits, row_labels
+from lit_dpo.data.sources import load_splits
 from lit_dpo.data.tokenize import (
     ID_COLUMNS,
     RowProblem,
@@ -37,6 +38,7 @@ from lit_dpo.data.tokenize import (
     tokenize_split,
 )
 from lit_dpo.data.validation import count_problems, describe_bad_rows, find_bad_rows
+from lit_dpo.data.values import ROLES, field_problem
 from lit_dpo.logps import IGNORE_INDEX
 
 __all__ = [

@@ -1,14 +1,16 @@
 """Row formats: one class per format, and the registry that `detect_format` walks.
 
 A format knows which columns claim a split for it, which fields a row needs (and what each one
-holds), what stops a row from being trained on (each problem naming its field), and how a row
-splits into a prompt and its completions. Text or chat (message lists, rendered with the
-tokenizer's chat template) is not a format but a property of the split: its first usable row
-decides, and a row of the other kind is reported as mixed formats.
+holds, see `values`), what stops a row from being trained on (each problem naming its field),
+and how a row splits into a prompt and its completions. Text or chat (message lists, rendered
+with the tokenizer's chat template) is not a format but a property of the split: its first
+usable row decides, and a row of the other kind is reported as mixed formats.
 
-Built in: `pair` (prompt/chosen/rejected), `implicit` (chosen/rejected whose shared beginning is
-the prompt) and `completion` (prompt/completion, SFT rows, tokenized as chosen = rejected).
-Adding a format is one class, registered:
+Built in: `conversation` (a prompt string and chosen/rejected whole conversations holding it, as
+UltraFeedback-binarized ships them), `pair` (prompt/chosen/rejected), `implicit` (chosen/rejected
+whose shared beginning is the prompt) and `completion` (prompt/completion, SFT rows, tokenized as
+chosen = rejected). A prompt split is never guessed: implicit-prompt text is split only after an
+Anthropic-HH "\\n\\nAssistant:" turn. Adding a format is one class, registered:
 
     @register_format
     class QA(Format):
@@ -25,17 +27,17 @@ Adding a format is one class, registered:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-_HH_TURN = "\n\nAssistant:"  # Anthropic-HH: the prompt ends where the last answer starts
+from lit_dpo.data.values import Part, field_problem, text_problem
 
-# What a field holds: "prompt", "answer" (the assistant's turn after a separate prompt) or
-# "whole" (a conversation that ends with the answer).
-Part = Literal["prompt", "answer", "whole"]
+_HH_TURN = "\n\nAssistant:"  # Anthropic-HH: the prompt ends where the last answer starts
+_HH_HUMAN = "\n\nHuman:"
+# Columns that hold the prompt in other datasets' schemas (Alpaca, SHP, ...)
+PROMPT_LIKE = ("question", "instruction", "query", "input", "context", "history")
 
 
 class Format:
@@ -59,10 +61,27 @@ class Format:
         """The fields that are not prompts (completions or whole conversations)."""
         return [field for field, part in self.fields.items() if part != "prompt"]
 
+    @property
+    def pairs(self) -> bool:
+        """Whether a row holds a preference pair (two answers), as DPO needs; a format of single
+        completions (SFT rows) does not."""
+        return len(self.answers) > 1
+
     def recognises(self, columns: list[str]) -> bool:
         """Whether a split with these columns is of this format: it has one of `answers`. A
         missing field is then reported by name rather than making the split unrecognised."""
         return any(field in columns for field in self.answers)
+
+    def fits(self, row: dict[str, Any]) -> bool:
+        """Whether the split's first usable row (all its columns) is of this format. Lets two
+        formats with the same columns tell their rows apart: a split is of the first registered
+        format that recognises its columns and fits its first row."""
+        return True
+
+    def split_problem(self, dataset: datasets.Dataset) -> str | None:
+        """Why a split (its columns, their types) must not be read as this format, whatever
+        each row holds; None if it may."""
+        return None
 
     def problems(self, row: dict[str, Any], chat: bool) -> list[str]:
         """What stops one row from being trained on, each problem naming its field; [] if nothing.
@@ -108,28 +127,10 @@ def identical_problem(row: dict[str, Any], first: str, second: str, chat: bool) 
     return []
 
 
-@register_format
-class Pair(Format):
-    """`prompt`, `chosen`, `rejected`: the standard preference pair."""
-
-    name = "pair"
-    fields = {"prompt": "prompt", "chosen": "answer", "rejected": "answer"}
-    summary = "prompt/chosen/rejected"
-
-    def recognises(self, columns: list[str]) -> bool:
-        return "prompt" in columns and super().recognises(columns)
-
-    def row_problems(self, row: dict[str, Any], chat: bool) -> list[str]:
-        return identical_problem(row, "chosen", "rejected", chat)
-
-    def split(self, row: dict[str, Any], chat: bool) -> tuple[str | list, list]:
-        return row["prompt"], [row["chosen"], row["rejected"]]
-
-
-@register_format
 class Implicit(Format):
     """`chosen`, `rejected` holding whole conversations (or texts); the prompt is their shared
-    beginning."""
+    beginning: the messages both share, or text up to the last Anthropic-HH "\\n\\nAssistant:"
+    turn both share (anywhere else would be a guess, so other text is refused)."""
 
     name = "implicit"
     fields = {"chosen": "whole", "rejected": "whole"}
@@ -141,11 +142,7 @@ class Implicit(Format):
             return found
         prompt, (chosen, rejected) = self.split(row, chat)
         if not chat:
-            if not prompt:
-                return ["'chosen' and 'rejected' share no beginning to use as the prompt"]
-            if not chosen.strip() or not rejected.strip():
-                return ["'chosen' or 'rejected' has nothing after the prompt they share"]
-            return []
+            return _text_prompt_problems(row["chosen"], row["rejected"], prompt, chosen, rejected)
         if not prompt:
             return ["'chosen' and 'rejected' share no prompt messages (different prompts)"]
         if not chosen or not rejected:
@@ -162,6 +159,102 @@ class Implicit(Format):
         return prompt, completions
 
 
+def _text_prompt_problems(
+    whole_chosen: str, whole_rejected: str, prompt: str, chosen: str, rejected: str
+) -> list[str]:
+    """What is wrong with the split of two texts into the prompt they share and two answers."""
+    if not prompt:
+        shared = _common_prefix(whole_chosen, whole_rejected)
+        if not shared:
+            return ["'chosen' and 'rejected' share no beginning to use as the prompt"]
+        if _HH_HUMAN not in shared:
+            return [
+                "'chosen' and 'rejected' start alike but share no Anthropic-HH turn ending in "
+                "'\\n\\nAssistant:', so where the prompt ends is unknown: give the prompt in a "
+                "'prompt' column"
+            ]
+    if not chosen.strip() or not rejected.strip():
+        return ["'chosen' or 'rejected' has nothing after the prompt they share"]
+    if not prompt or _HH_HUMAN in chosen or _HH_HUMAN in rejected:
+        return [
+            "'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn "
+            "(different prompts)"
+        ]
+    return []
+
+
+@register_format
+class Conversation(Implicit):
+    """`prompt` (a string) and `chosen`, `rejected` holding whole conversations that include it,
+    as UltraFeedback-binarized ships them (`HuggingFaceH4/ultrafeedback_binarized`, beside
+    `prompt_id`, `messages`, `score_chosen`, `score_rejected`): the prompt is the messages both
+    conversations share, and the `prompt` column must be the last user message among them."""
+
+    name = "conversation"
+    fields = {"prompt": "prompt", "chosen": "whole", "rejected": "whole"}
+    summary = "prompt/chosen/rejected"
+
+    def recognises(self, columns: list[str]) -> bool:
+        return "prompt" in columns and super().recognises(columns)
+
+    def fits(self, row: dict[str, Any]) -> bool:
+        chosen = row.get("chosen")
+        return (
+            isinstance(row.get("prompt"), str)
+            and isinstance(chosen, list)
+            and any(isinstance(m, dict) and m.get("role") == "user" for m in chosen)
+        )
+
+    def problems(self, row: dict[str, Any], chat: bool) -> list[str]:
+        found = [text_problem(row["prompt"], "'prompt'")]
+        found += [field_problem(row[f], repr(f), "whole", chat) for f in ("chosen", "rejected")]
+        return [p for p in found if p] or self.row_problems(row, chat)
+
+    def row_problems(self, row: dict[str, Any], chat: bool) -> list[str]:
+        if found := super().row_problems(row, chat):
+            return found
+        prompt, _ = self.split(row, chat)
+        users = [m["content"] for m in prompt if m["role"] == "user"]
+        if not users or users[-1].strip() != row["prompt"].strip():
+            return ["'prompt' is not the last user message that 'chosen' and 'rejected' share"]
+        return []
+
+
+@register_format
+class Pair(Format):
+    """`prompt`, `chosen`, `rejected`: the standard preference pair."""
+
+    name = "pair"
+    fields = {"prompt": "prompt", "chosen": "answer", "rejected": "answer"}
+    summary = "prompt/chosen/rejected"
+
+    def recognises(self, columns: list[str]) -> bool:
+        return "prompt" in columns and super().recognises(columns)
+
+    def row_problems(self, row: dict[str, Any], chat: bool) -> list[str]:
+        if found := identical_problem(row, "chosen", "rejected", chat):
+            return found
+        # Both answers opening with the whole prompt (past a word or two, which an answer may
+        # echo: "Hi" -> "Hi! ...") are transcripts that repeat it; trained so, the model would
+        # learn to repeat every prompt (messages: see `values`, "starts with a 'user' message").
+        prompt = row["prompt"].strip() if not chat else ""
+        if len(prompt.split()) > 2 and all(
+            row[f].lstrip().startswith(prompt) for f in ("chosen", "rejected")
+        ):
+            return [
+                "'chosen' and 'rejected' both start with the whole 'prompt': strip it from them "
+                "(or, for full Anthropic-HH transcripts, drop the 'prompt' column to read them "
+                "as implicit-prompt rows)"
+            ]
+        return []
+
+    def split(self, row: dict[str, Any], chat: bool) -> tuple[str | list, list]:
+        return row["prompt"], [row["chosen"], row["rejected"]]
+
+
+register_format(Implicit)  # after `pair`, whose columns it also recognises: order is priority
+
+
 @register_format
 class Completion(Format):
     """`prompt`, `completion`: SFT rows, no pair; tokenized as if chosen = rejected =
@@ -170,6 +263,21 @@ class Completion(Format):
     name = "completion"
     fields = {"prompt": "prompt", "completion": "answer"}
     summary = "prompt/completion"
+
+    def split_problem(self, dataset: datasets.Dataset) -> str | None:
+        """TRL's unpaired preference rows (KTO): a true/false `label` beside each completion.
+        Neither DPO (no pair) nor SFT (it would learn the undesirable ones too) can use them."""
+        if "label" not in dataset.column_names:
+            return None
+        labels = dataset.select_columns(["label"])[:100]["label"]
+        if not all(isinstance(v, bool) or str(v).lower() in ("true", "false") for v in labels):
+            return None  # a label of another kind (a category): not a preference
+        return (
+            "unpaired prompt/completion rows with a 'label' column (KTO-style): lit_dpo trains "
+            "on pairs (prompt/chosen/rejected) with DPOModule or on completions with SFTModule; "
+            "pair each prompt's desirable and undesirable completions as chosen and rejected, "
+            "or keep only the desirable rows and drop 'label' for SFT"
+        )
 
     def split(self, row: dict[str, Any], chat: bool) -> tuple[str | list, list]:
         return row["prompt"], [row["completion"]]
@@ -184,27 +292,43 @@ def detect_format(
     must have one), not strings.
     """
     columns = dataset.column_names
-    fmt = next((f for f in FORMATS.values() if f.recognises(columns)), None)
-    if fmt is None:
+    candidates = [f for f in FORMATS.values() if f.recognises(columns)]
+    if not candidates:
         claims = dict.fromkeys("/".join(map(repr, f.answers)) for f in FORMATS.values())
+        summaries = dict.fromkeys(f.summary for f in FORMATS.values())
         raise ValueError(
             f"{where}: no {_either(list(claims))} column; found {columns}. Rows need "
-            f"{_either([f.summary for f in FORMATS.values()])}"
+            f"{_either(list(summaries))}"
         )
+    fmt = candidates[0]
     for field in fmt.fields:
         if field not in columns:
-            raise ValueError(f"{where}: missing column {field!r}; found {columns}")
+            like = prompt_like(columns) if fmt.fields[field] == "prompt" else None
+            hint = f" ({like!r} looks like the prompt: rename it to {field!r})" if like else ""
+            raise ValueError(f"{where}: missing column {field!r}; found {columns}{hint}")
     if len(dataset) == 0:
         raise ValueError(f"{where}: no rows")
-    key = fmt.answers[0]
-    for batch in dataset.select_columns([key]).iter(batch_size=1000):
-        value = next((v for v in batch[key] if isinstance(v, str | list)), None)
-        if value is not None:
+    key, first = fmt.answers[0], None
+    for start in range(0, len(dataset), 1000):
+        batch = dataset.select_columns([key])[start : start + 1000][key]
+        found = next((i for i, v in enumerate(batch) if isinstance(v, str | list)), None)
+        if found is not None:
+            first = dataset[start + found]
             break
-    chat = isinstance(value, list)  # no usable value at all: text, and every row says why
+    if first is not None:
+        fits = (f for f in candidates if all(c in columns for c in f.fields) and f.fits(first))
+        fmt = next(fits, fmt)
+    if problem := fmt.split_problem(dataset):
+        raise ValueError(f"{where}: {problem}")
+    chat = first is not None and isinstance(first[key], list)  # none usable: text, each row says
     if chat and not tokenizer.chat_template:
         raise ValueError(f"{where}: rows are conversational but the tokenizer has no chat template")
     return fmt, chat
+
+
+def prompt_like(columns: list[str]) -> str | None:
+    """The first column whose name says it holds the prompt under another name, if any."""
+    return next((c for c in columns if c.lower() in PROMPT_LIKE), None)
 
 
 def _either(items: list[str]) -> str:
@@ -212,91 +336,23 @@ def _either(items: list[str]) -> str:
     return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
-def field_problem(value: Any, field: str, part: Part, chat: bool) -> str | None:
-    """Why one field's value cannot be trained on; None if it can.
-
-    `field`: the field's name as messages quote it ("'chosen'"); `part`: what it holds;
-    `chat`: the split's rows are message lists (its first row decided), not strings.
-    """
-    if value is None:
-        return f"{field} is null or missing"
-    if chat and isinstance(value, str):
-        return f"{field} is a string, but the split's first row is messages (mixed formats)"
-    if not chat and isinstance(value, list):
-        return f"{field} is a list of messages, but the split's first row is text (mixed formats)"
-    return _message_problem(value, field, part) if chat else _text_problem(value, field)
-
-
-def _text_problem(value: Any, field: str) -> str | None:
-    if not isinstance(value, str):
-        return f"{field} must be a string, got {type(value).__name__}"
-    if not value:
-        return f"{field} is empty"
-    return None if value.strip() else f"{field} is whitespace only"
-
-
-def _message_problem(value: Any, field: str, part: Part) -> str | None:
-    if not isinstance(value, list):
-        return f"{field} must be a list of {{role, content}} messages, got {type(value).__name__}"
-    if not value:
-        return f"{field} is an empty list of messages"
-    for message in value:
-        if not isinstance(message, dict):
-            kind = type(message).__name__
-            return f"{field} must be a list of {{role, content}} messages, got a list of {kind}"
-        if message.get("role") is None:
-            # ShareGPT's {"from": "human", "value": ...} is the usual cause
-            hint = (
-                " (ShareGPT 'from'/'value'? rename to 'role'/'content')"
-                if message.get("from") is not None
-                else ""
-            )
-            return f"{field} has a message without a 'role'{hint}"
-        if message["role"] not in ROLES:
-            return (
-                f"{field} has a message with unknown role {message['role']!r} "
-                f"(known: {', '.join(ROLES)})"
-            )
-        if message.get("content") is None:
-            return f"{field} has a message without 'content'"
-        if not isinstance(message["content"], str):
-            kind = type(message["content"]).__name__
-            return f"{field} has a message whose 'content' is {kind}, not a string"
-    if part == "prompt":
-        return (
-            None if any(m["content"].strip() for m in value) else f"{field} has only empty messages"
-        )
-    if part == "answer" and value[0]["role"] != "assistant":
-        return (
-            f"{field} starts with a {value[0]['role']!r} message; it should hold only the "
-            f"assistant's answer (is the prompt repeated in it?)"
-        )
-    if value[-1]["role"] != "assistant":
-        return f"{field} ends with a {value[-1]['role']!r} message, not the assistant's"
-    if not value[-1]["content"].strip():
-        return f"{field} ends with an empty assistant message"
-    return None
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def split_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) from two strings that start alike.
 
-    The prompt is their common prefix, cut back to the end of the last Anthropic-HH
-    "\\n\\nAssistant:" turn it holds, else to a word boundary (so neither completion starts
-    mid-word or is empty); the space before the cut goes to the completions, as a BPE
-    tokenizer would attach it to the next word.
+    The prompt is their common prefix up to the end of the last Anthropic-HH "\\n\\nAssistant:"
+    turn it holds; without one, where the prompt ends is not known and the prompt is "" (the
+    row is refused). The space after the turn goes to the completions, as a BPE tokenizer would
+    attach it to the next word.
     """
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    prefix = chosen[:n]
-    if _HH_TURN in prefix:
-        n = prefix.rindex(_HH_TURN) + len(_HH_TURN)
-    else:
-        while n > 0 and not prefix[n - 1].isspace():  # drop the last, possibly partial, word
-            n -= 1
-        while n > 0 and prefix[n - 1].isspace():
-            n -= 1
+    prefix = _common_prefix(chosen, rejected)
+    n = prefix.rindex(_HH_TURN) + len(_HH_TURN) if _HH_TURN in prefix else 0
     return chosen[:n], chosen[n:], rejected[n:]
 
 

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lit_dpo.data.collate import LengthGroupedSampler, collate_pairs
-from lit_dpo.data.formats import detect_format
+from lit_dpo.data.formats import FORMATS, detect_format, prompt_like
 from lit_dpo.data.sources import load_splits
 from lit_dpo.data.tokenize import ID_COLUMNS, tokenize_rows
 from lit_dpo.data.validation import (
@@ -27,7 +27,7 @@ from lit_dpo.data.validation import (
     rejected_rows,
     write_rejects,
 )
-from lit_dpo.hub import resolve
+from lit_dpo.hub import load_tokenizer
 from lit_dpo.utils import pad_token_id
 
 
@@ -42,14 +42,18 @@ class PreferenceDataModule(L.LightningDataModule):
     implicit-prompt (only `chosen` and `rejected`, strings or messages, whose shared beginning is
     the prompt), or completions (`prompt` and `completion`, strings or messages, no pair: for
     SFT). A completion row is tokenized as if chosen = rejected = completion, so batches keep
-    their layout and an SFT step uses rows 0..B-1. Other columns are ignored. One split holds one
-    format: the first row's decides.
+    their layout and an SFT step uses rows 0..B-1. UltraFeedback-binarized rows (a `prompt`
+    string, `chosen`/`rejected` whole conversations that hold it) are read as they are. Other
+    columns are ignored. One split holds one format: the first row's decides; after `setup`,
+    `formats` names it per split and `pairs` says whether every split holds pairs.
 
     Args:
-        dataset: A Hub dataset name, a local .json/.jsonl/.parquet/.csv file (its rows are the
-            train split), a directory of such files (a file belongs to the split its name
-            starts with: train.jsonl, validation.jsonl, test.jsonl), or an in-memory
-            `datasets.Dataset` (the train split) or `datasets.DatasetDict`.
+        dataset: A Hub dataset name, a local .json/.jsonl/.parquet/.csv file (.gz too; its rows
+            are the train split), a directory of such files (a file belongs to the split its
+            name starts with: train.jsonl, validation.jsonl or val/valid/dev/eval.jsonl,
+            test.jsonl; a data file named after no split is an error), or an in-memory
+            `datasets.Dataset` (the train split) or `datasets.DatasetDict`. CSV cells are read
+            as text, as written ("4", "NA" and "" stay so).
         tokenizer: A tokenizer name or path (anything `lit_dpo.hub.resolve` accepts) or a
             tokenizer object. Required; the CLI links it to the model's name. Without a pad
             token, batches are padded with EOS (padding is masked out anyway).
@@ -92,7 +96,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str | datasets.Dataset | datasets.DatasetDict,
+        # os.PathLike: besides taking a Path, it stops jsonargparse from reading a file path
+        # given on the command line as a config (a CSV file's text replaced its path).
+        dataset: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         dataset_config: str | None = None,
         train_split: str = "train",
@@ -133,6 +139,8 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows must be error or skip, got {on_bad_rows!r}")
+        if isinstance(dataset, os.PathLike):
+            dataset = os.fspath(dataset)  # before save_hyperparameters, which reads the locals
         # Settings live in self.hparams only. `dataset` and `tokenizer` are attributes too (a
         # tokenizer name gives way to the loaded tokenizer), and objects (an in-memory dataset, a
         # tokenizer) stay out of hparams: they do not belong in checkpoints.
@@ -146,6 +154,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_dataset: datasets.Dataset | None = None
         self.test_dataset: datasets.Dataset | None = None
         self.stats: dict[str, dict[str, Any]] = {}  # per loaded split, see `_prepare_split`
+        self.formats: dict[str, str] = {}  # {split: its format's name in FORMATS}, after setup
+        self._where: dict[str, str] = {}  # {split: "<files>: split '<split>'"}, for messages
         self.rejects: list[dict[str, Any]] = []  # the skipped rows, see `_prepare_split`
 
     # Settings other lit_dpo code reads (e.g. SentimentEval re-reads the test split's prompts).
@@ -164,6 +174,21 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def eval_batch_size(self) -> int:
         return self.hparams.eval_batch_size or self.hparams.batch_size
+
+    @property
+    def pairs(self) -> bool:
+        """Whether every split loaded (by `setup`) holds preference pairs, as DPO needs; False
+        where one holds single completions (prompt/completion rows)."""
+        return all(FORMATS[name].pairs for name in self.formats.values())
+
+    def require_pairs(self) -> None:
+        """Stop, in one line, when a loaded split holds no pairs (for DPOModule, after `setup`)."""
+        for split, name in self.formats.items():
+            if not FORMATS[name].pairs:
+                raise ValueError(
+                    f"{self._where[split]}: holds {FORMATS[name].summary} rows, not pairs: DPO "
+                    f"needs pairs (prompt/chosen/rejected); use SFTModule for completions"
+                )
 
     def prepare_data(self) -> None:
         # Files and Hub data: tokenize here (local rank 0) so the map lands in the datasets
@@ -213,7 +238,7 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer = self._load_tokenizer()
         wanted = {"train": hp.train_split, "validation": hp.val_split, "test": hp.test_split}
         raw, sources = load_splits(self.dataset, hp.dataset_config, wanted)
-        self.stats, self.rejects = {}, []
+        self.stats, self.rejects, self.formats, self._where = {}, [], {}, {}
         tokenized = {}
         for role, split in wanted.items():
             if split is not None and split in raw:
@@ -247,8 +272,12 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         where = f"{', '.join(sources)}: split {split!r}"
         fmt, chat = detect_format(dataset, where, tokenizer)
+        self.formats[split], self._where[split] = fmt.name, where
+        hint = None  # no prompt column, but one under another name: say so with the bad rows
+        if "prompt" not in fmt.fields.values() and (like := prompt_like(dataset.column_names)):
+            hint = f"column {like!r} looks like the prompt: rename it to 'prompt'"
         bad = find_bad_rows(dataset, fmt, chat, hp.num_proc)
-        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows)
+        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows, hint)
         keep = [i for i in range(len(dataset)) if i not in bad]
         tokenized, counts, dropped = tokenize_rows(
             dataset.select(keep) if bad else dataset,
@@ -262,7 +291,7 @@ class PreferenceDataModule(L.LightningDataModule):
             num_proc=hp.num_proc,
         )
         bad |= {keep[i]: [problem] for i, problem in dropped.items()}  # by source row index
-        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows)
+        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows, hint)
         self.rejects += rejected_rows(dataset, split, sources, bad)
         self.stats[split] = {
             "rows": len(dataset),
@@ -288,9 +317,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise ValueError("PreferenceDataModule needs a tokenizer (a name, a path or an object)")
         if isinstance(self.tokenizer, str):
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                resolve(self.tokenizer), trust_remote_code=self.hparams.trust_remote_code
-            )
+            self.tokenizer = load_tokenizer(self.tokenizer, self.hparams.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token to end completions with")
         return self.tokenizer

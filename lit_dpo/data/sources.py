@@ -1,24 +1,36 @@
-"""Where rows come from: splits loaded from the Hub, a file, a directory of split files or memory,
-and, when a file cannot be read, which line of it is at fault.
+"""Where rows come from: splits loaded from the Hub, a file, a directory of split files or memory.
 
-The ground floor of `lit_dpo.data`: imports nothing from the rest of it.
+Every file is read as it is: CSV cells are text (never numbers, never "NA" read as missing), a
+JSON array is read whatever its suffix, `.gz` files are read through gzip. What cannot be read
+is named by file and line (see `files`). A directory's files belong to the splits their names
+start with, under the common aliases (`val`, `dev`, ... for validation), and a data file that
+names no split is refused rather than left out.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
-from collections.abc import Iterable
+import re
 from pathlib import Path
 
 import datasets
 
-SHOWN = 5  # bad rows (or lines) quoted one by one in an error; the rest are only counted
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+from lit_dpo.data.files import BUILDERS, COMPRESSED, csv_columns, data_suffix, file_problem
+
+# role -> the file names (before a separator) that hold it, when the role keeps its default name
+ALIASES = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev", "eval", "evaluation"),
+    "test": ("test", "testing"),
+}
+_SEPARATOR = re.compile(r"[-._ 0-9]")  # "train-00000-of-00002.parquet", "val.jsonl", "test_1.csv"
+_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_ON = ("1", "ON", "YES", "TRUE")  # as huggingface_hub reads these variables
 
 
 def load_splits(
-    source: str | datasets.Dataset | datasets.DatasetDict,
+    source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
     config: str | None,
     wanted: dict[str, str | None],
 ) -> tuple[datasets.DatasetDict, dict[str, list[str]]]:
@@ -33,128 +45,149 @@ def load_splits(
     if isinstance(source, datasets.DatasetDict):
         label = "in-memory dataset"
         return _require_train(source, train, label), {s: [label] for s in source}
+    source = os.fspath(source)
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix not in _BUILDERS:
-        raise ValueError(f"{source}: unsupported file type; use one of {sorted(_BUILDERS)}")
+    if path.is_file() and data_suffix(path) is None:
+        raise ValueError(
+            f"{source}: unsupported file type; use one of {sorted(BUILDERS)} (or {COMPRESSED} "
+            f"of json, jsonl or csv)"
+        )
     if path.is_file():
         files = {train: [str(path)]}
     elif path.is_dir():
-        files = _split_files(path, [s for s in wanted.values() if s is not None])
-    elif path.suffix in _BUILDERS or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset file or directory not found: {source}")
+        files = _split_files(path, wanted)
+    elif _looks_local(source):
+        raise FileNotFoundError(_not_found(source))
     else:
         try:
             raw = datasets.load_dataset(source, config)
         except Exception as err:  # offline, unknown name, gated: say which dataset failed
+            offline = next((v for v in _OFFLINE if os.environ.get(v, "").upper() in _ON), None)
+            if offline:  # no Hub to ask: most likely a local path mistyped
+                raise ValueError(
+                    f"{_not_found(source)}; could not load dataset {source!r} from the Hub "
+                    f"either ({offline} is set, and it is not in the cache)"
+                ) from err
             raise ValueError(f"could not load dataset {source!r} from the Hub: {err}") from err
         return _require_train(raw, train, source), {s: [source] for s in raw}
-    builders = {_BUILDERS[Path(f).suffix] for paths in files.values() for f in paths}
+    builders = {BUILDERS[data_suffix(f)] for paths in files.values() for f in paths}
     if len(builders) > 1:
         raise ValueError(f"{source}: mixes file formats {sorted(builders)}; use one")
-    try:
-        raw = datasets.load_dataset(builders.pop(), data_files=files)
-        for split in raw.values():  # pyarrow's JSON reader lets invalid UTF-8 into strings
-            split.data.validate(full=True)
-    except Exception as err:
-        # datasets names neither the file nor the line ("An error occurred while generating
-        # the dataset"); find them by reading the files ourselves, on this failure path only.
-        paths = [f for split_files in files.values() for f in split_files]
-        problem = next(filter(None, map(file_problem, paths)), None)
-        raise ValueError(problem or f"{', '.join(paths)}: could not be loaded: {err}") from err
+    builder = builders.pop()
+    raw = datasets.DatasetDict(
+        {split: _load_files(builder, paths) for split, paths in files.items()}
+    )
     return _require_train(raw, train, source), files
 
 
-def _split_files(directory: Path, splits: list[str]) -> dict[str, list[str]]:
-    """{split: its data files}: a file belongs to the split its name starts with."""
-    files = {}
-    for split in splits:
-        found = sorted(
-            str(f)
-            for f in directory.iterdir()
-            if f.name.startswith(split) and f.suffix in _BUILDERS
-        )
-        if found:
-            files[split] = found
+def _load_files(builder: str, paths: list[str]) -> datasets.Dataset:
+    """One split's files as a Dataset; a file that cannot be read is named, with its line."""
+    options = {}
+    if builder == "csv":  # every cell is text: "4" stays "4", "NA" and "" stay themselves
+        columns = csv_columns(paths[0])
+        for path in paths:
+            if (other := csv_columns(path)) != columns:
+                raise ValueError(f"{path}: columns {other} differ from {paths[0]}'s {columns}")
+            if problem := file_problem(path):  # pandas would fill a short record silently
+                raise ValueError(problem)
+        features = datasets.Features({c: datasets.Value("string") for c in columns})
+        options = {"features": features, "keep_default_na": False, "na_filter": False}
+    try:
+        split = datasets.load_dataset(builder, data_files={"rows": paths}, **options)["rows"]
+        split.data.validate(full=True)  # pyarrow's JSON reader lets invalid UTF-8 into strings
+    except Exception as err:
+        # datasets names neither the file nor the line ("An error occurred while generating
+        # the dataset"); find them by reading the files ourselves, on this failure path only.
+        problem = next(filter(None, map(file_problem, paths)), None)
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        why = f"{err} ({cause})" if cause is not err else str(err)
+        raise ValueError(problem or f"{', '.join(paths)}: could not be loaded: {why}") from err
+    return split
+
+
+def _split_files(directory: Path, wanted: dict[str, str | None]) -> dict[str, list[str]]:
+    """{split: its data files}: a file belongs to the split its name starts with (then a
+    separator, a digit or the suffix), the longest such name; a role under its default name
+    also takes that name's `ALIASES`. A data file that names no split is an error."""
+    names = {}  # file name stem -> split it fills
+    for role, split in wanted.items():
+        if split is not None:
+            names |= dict.fromkeys(ALIASES[role] if split == role else (split,), split)
+    known = set(names) | {alias for aliases in ALIASES.values() for alias in aliases}
+    files: dict[str, dict[str, list[str]]] = {}  # split -> {name used: files}
+    strays = []
+    for f in sorted(directory.iterdir()):
+        if not f.is_file() or data_suffix(f) is None:
+            continue  # README.md, LICENSE, ...
+        name = _split_name(f.name, known)
+        if name is None:
+            strays.append(f.name)
+        elif name in names:
+            files.setdefault(names[name], {}).setdefault(name, []).append(str(f))
+    splits = ", ".join(s for s in wanted.values() if s is not None)
     if not files:
+        found = f"; found {', '.join(strays)}" if strays else ""
         raise FileNotFoundError(
-            f"{directory}: no data files named after a split ({', '.join(splits)}) "
-            f"with a suffix in {sorted(_BUILDERS)}"
+            f"{directory}: no data files named after a split ({splits}) "
+            f"with a suffix in {sorted(BUILDERS)}{found}"
         )
-    return files
+    if strays:
+        aliases = "/".join(ALIASES["validation"][1:])
+        also = f"; validation also as {aliases}" if wanted.get("validation") == "validation" else ""
+        raise ValueError(
+            f"{directory}: {', '.join(strays)}: data file{'s' if len(strays) > 1 else ''} "
+            f"named after no split; name each file after its split ({splits}{also}) or move it "
+            f"out of the directory"
+        )
+    for split, by_name in files.items():
+        if len(by_name) > 1:
+            found = ", ".join(Path(f).name for paths in by_name.values() for f in paths)
+            raise ValueError(
+                f"{directory}: {found} all hold split {split!r} under different names; keep one"
+            )
+    return {split: paths for split, by_name in files.items() for paths in by_name.values()}
+
+
+def _split_name(file_name: str, names: set[str]) -> str | None:
+    """The longest of `names` that `file_name` starts with, followed by a separator."""
+    fits = [
+        n
+        for n in names
+        if file_name.startswith(n) and _SEPARATOR.match(file_name[len(n) : len(n) + 1] or ".")
+    ]
+    return max(fits, key=len, default=None)
+
+
+def _looks_local(source: str) -> bool:
+    """Whether a string that is no existing path names a file or directory rather than a Hub
+    dataset ("org/name"): it has a data suffix, starts like a path, has more than one
+    separator, or its parent directory exists here."""
+    parent = Path(source).expanduser().parent
+    return (
+        data_suffix(source) is not None
+        or source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or (str(parent) != "." and parent.is_dir())
+    )
+
+
+def _not_found(source: str) -> str:
+    """The not-found message, with the close names in the parent directory, if any."""
+    path = Path(source).expanduser()
+    parent = path.parent
+    close = []
+    if parent.is_dir():
+        names = [p.name for p in parent.iterdir()]
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    prefix = "" if str(Path(source).parent) == "." else f"{Path(source).parent}/"
+    hint = f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+    return f"dataset file or directory not found: {source}{hint}"
 
 
 def _require_train(raw: datasets.DatasetDict, train: str, source: str) -> datasets.DatasetDict:
     if train not in raw:
         raise ValueError(f"{source}: no {train!r} split; found {sorted(raw)}")
     return raw
-
-
-def file_problem(path: str) -> str | None:
-    """Why a data file cannot be read, naming the line; None when no reason is found here.
-
-    Checks that the file has rows, is UTF-8 (JSON and CSV) and that each line of JSON Lines,
-    or the whole of a JSON array, parses to objects.
-    """
-    suffix = Path(path).suffix
-    if suffix == ".parquet":
-        return None  # pyarrow's own message names the problem; the caller adds the file
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if not head:
-        return f"{path}: no rows (the file is empty)"
-    if suffix == ".json" and head.startswith(b"["):  # one JSON array: parse the whole file
-        data = Path(path).read_bytes()
-        try:
-            rows = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            line = data.count(b"\n", 0, err.start) + 1
-            return f"{path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x})"
-        except json.JSONDecodeError as err:
-            return f"{path}: line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
-        if not all(isinstance(row, dict) for row in rows):
-            return f"{path}: not a JSON array of objects (one object per row)"
-        return None
-    problems = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if problem := line_problem(line, json_lines=suffix != ".csv"):
-                problems.append(f"line {number}: {problem}")
-    if not problems:
-        return None
-    more = f"; ... {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-    lines = f"{len(problems)} bad line{'' if len(problems) == 1 else 's'}"
-    return f"{path}: {lines}: {'; '.join(problems[:SHOWN])}{more}"
-
-
-def line_problem(line: bytes, json_lines: bool) -> str | None:
-    """Why one line of a JSON Lines (or CSV) file cannot be read; None if it can."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return f"not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1})"
-    if not json_lines or not text.strip():  # the loader skips blank lines
-        return None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        return f"not valid JSON ({err.msg}, column {err.colno})"
-    return None if isinstance(row, dict) else f"not a JSON object but {type(row).__name__}"
-
-
-def row_labels(sources: list[str], indices: Iterable[int]) -> dict[int, str]:
-    """{row index: where the user finds it}: "line N" for JSON Lines (the loader skips blank
-    lines, so they are counted here), prefixed by the file's name when the split has several;
-    else "row N", counting from 1."""
-    wanted = set(indices)
-    if not all(s.endswith(".jsonl") and os.path.isfile(s) for s in sources):
-        return {i: f"row {i + 1}" for i in wanted}
-    labels, row = {}, 0
-    for source in sources:
-        prefix = f"{Path(source).name} " if len(sources) > 1 else ""
-        with open(source, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    if row in wanted:
-                        labels[row] = f"{prefix}line {number}"
-                    row += 1
-    return labels

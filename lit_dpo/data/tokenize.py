@@ -8,8 +8,9 @@
 - a row longer than `max_length` first has its prompt cut to `max_prompt_length`, then its
   completions cut to the room left; every cut is counted (`PreferenceDataModule.stats`). A row
   whose prompt leaves no room for one completion token (possible only when `max_prompt_length
-  >= max_length`) is a bad row, handled by `on_bad_rows` like the others. `max_length=None`
-  never cuts.
+  >= max_length`), or a pair whose chosen and rejected tokens are the same once cut (they
+  differed only past `max_length`: a tie, which trains nothing), is a bad row, handled by
+  `on_bad_rows` like the others. `max_length=None` never cuts.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def tokenize_rows(
 
     Returns the tokenized rows (`ID_COLUMNS` and the truncation flags), the counts (rows,
     prompts_truncated, completions_truncated, dropped) and {row index: problem} for the rows
-    left out: a prompt leaving no room for a completion, or a conversation the chat template
-    refuses or renders without the prompt as a prefix.
+    left out: a prompt leaving no room for a completion, a pair tied once cut, or a
+    conversation the chat template refuses or renders without the prompt as a prefix.
 
     The map is cached on disk for file-backed datasets; its fingerprint hashes the function
     and all of `fn_kwargs` (tokenizer included), so changing any of them re-tokenizes.
@@ -190,6 +191,9 @@ def _tokenize_batch(
                     f"prompt too long: no room for a completion within max_length={max_length} "
                     f"(prompts are cut to max_prompt_length={max_prompt_length} first)"
                 )
+            elif fmt.pairs and fitted[1] == fitted[2]:  # a tie: the pair would teach nothing
+                problem = _tie(c == r, max_length)
+                fitted = None
         p2, c2, r2 = fitted or ([], [], [])
         out["prompt_input_ids"].append(p2)
         out["chosen_input_ids"].append(c2)
@@ -200,6 +204,15 @@ def _tokenize_batch(
         )
         out["problem"].append(problem)
     return out
+
+
+def _tie(before_truncation: bool, max_length: int | None) -> str:
+    if before_truncation:
+        return "'chosen' and 'rejected' are different texts but the same tokens"
+    return (
+        f"'chosen' and 'rejected' are identical after truncation to max_length={max_length}: "
+        f"raise max_length (or lower max_prompt_length) so that the tokens where they differ fit"
+    )
 
 
 def render(

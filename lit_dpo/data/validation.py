@@ -18,8 +18,8 @@ from typing import Any, Literal
 import datasets
 import pyarrow.compute as pc
 
+from lit_dpo.data.files import SHOWN, row_labels
 from lit_dpo.data.formats import Format
-from lit_dpo.data.sources import SHOWN, row_labels
 from lit_dpo.utils import atomic_write
 
 _CHECKED = datasets.Features({"problems": datasets.List(datasets.Value("string"))})
@@ -59,8 +59,10 @@ def refuse_bad_rows(
     where: str,
     sources: list[str],
     on_bad_rows: Literal["error", "skip"],
+    hint: str | None = None,
 ) -> None:
-    """Stop, describing the bad rows, under on_bad_rows=error or when no row is left."""
+    """Stop, describing the bad rows, under on_bad_rows=error or when no row is left; `hint`, a
+    line about the whole split (e.g. a column that looks like the prompt), goes before the end."""
     if not bad or (on_bad_rows == "skip" and len(bad) < n_rows):
         return
     labels = row_labels(sources, sorted(bad)[:SHOWN])
@@ -71,7 +73,8 @@ def refuse_bad_rows(
             "fix these rows, or set on_bad_rows: skip to train on the rest (the skipped rows "
             "are written, with their reasons, to a rejects file)"
         )
-    raise ValueError(f"{describe_bad_rows(where, bad, n_rows, labels)}\n{then}")
+    hint = f"{hint}\n" if hint else ""
+    raise ValueError(f"{describe_bad_rows(where, bad, n_rows, labels)}\n{hint}{then}")
 
 
 def describe_bad_rows(

@@ -156,22 +156,26 @@ class Loss:
     # with a uniform reference (reference_free) that is log pi(y), a large negative number
     # that saturates the loss, so such losses refuse reference_free.
     needs_reference: bool = False
+    # Whether the loss reads `label_smoothing`: True; False: it ignores it, so a run that sets
+    # label_smoothing > 0 with it is refused; None: it has no preference label to smooth (nll),
+    # so it may sit beside a loss that reads it.
+    smoothing: bool | None = False
 
 
 LOSSES: dict[str, Loss] = {
-    "sigmoid": Loss(sigmoid),
-    "robust": Loss(robust),
+    "sigmoid": Loss(sigmoid, smoothing=True),
+    "robust": Loss(robust, smoothing=True),
     "ipo": Loss(ipo, average=True),
     "hinge": Loss(hinge),
-    "exo_pair": Loss(exo_pair),
+    "exo_pair": Loss(exo_pair, smoothing=True),
     "nca_pair": Loss(nca_pair, needs_reference=True),
     "bco_pair": Loss(bco_pair, needs_reference=True),
     "sppo_hard": Loss(sppo_hard, needs_reference=True),
     "apo_zero": Loss(apo_zero, needs_reference=True),
     "apo_down": Loss(apo_down, needs_reference=True),
     # SimPO-style length normalisation of DPO: the sigmoid loss on per-token averages.
-    "sigmoid_norm": Loss(sigmoid, average=True),
-    "nll": Loss(nll, average=True),
+    "sigmoid_norm": Loss(sigmoid, average=True, smoothing=True),
+    "nll": Loss(nll, average=True, smoothing=None),
 }
 
 

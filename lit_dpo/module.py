@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from jsonargparse.typing import PositiveFloat
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lit_dpo.logps import sequence_logps
-from lit_dpo.losses import get_loss
+from lit_dpo.logps import IGNORE_INDEX, sequence_logps
+from lit_dpo.losses import LOSSES, get_loss
 from lit_dpo.policy import LinearWarmup, LoRA, PaperRMSprop, PolicyModule
 from lit_dpo.reference import Reference, ReferenceSettings, make_reference
 from lit_dpo.utils import STAGES, pairwise_accuracy
@@ -69,11 +70,14 @@ class DPOModule(PolicyModule):
             reference_cache_dir: where precomputed reference log-probs are kept, keyed by the
                 model, the tokenized data and the precision. None: `<LIT_DPO_CACHE>/reference`
                 (`~/.cache/lit_dpo/reference`).
-            beta: the KL-penalty strength (paper: 0.1; 0.5 for TL;DR). Must be positive.
+            beta: the KL-penalty strength (paper: 0.1; 0.5 for TL;DR). Must be positive and
+                finite.
             loss_type: a loss name from `lit_dpo.losses.LOSSES` or a list of them to combine.
             loss_weights: one weight per loss in `loss_type` (default: all 1.0); e.g.
                 `[sigmoid, nll]` with `[1.0, 0.2]` is RPO.
-            label_smoothing: assumed label-noise rate eps in [0, 0.5) (cDPO, robust, exo_pair).
+            label_smoothing: assumed label-noise rate eps in [0, 0.5), read by the losses
+                registered with `smoothing=True` (sigmoid = cDPO, robust, exo_pair,
+                sigmoid_norm); refused with a loss that would ignore it.
             reference_free: treat the reference log-probs as 0 (a uniform reference); no
                 reference model is built.
         """
@@ -110,10 +114,16 @@ class DPOModule(PolicyModule):
             raise ValueError(f"loss_type {absolute} needs a reference model; unset reference_free")
         if not beta > 0:  # also refuses NaN
             raise ValueError(f"beta must be positive, got {beta}")
+        if not math.isfinite(beta):  # inf: every reward and loss inf or NaN
+            raise ValueError(f"beta must be a finite positive number, got {beta}")
         if not all(math.isfinite(w) for w in self.loss_weights):
             raise ValueError(f"loss_weights must be finite, got {self.loss_weights}")
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.loss_types = loss_types
+        if label_smoothing > 0:
+            _refuse_ignored_smoothing(label_smoothing, loss_types)
+        self._pairs_checked = False  # the first training batch is checked for real pairs
         self.reference: nn.Module | None = None  # the strategy's network, when it holds one
         # Train metrics sync across ranks at every step so the progress bar and loggers show
         # global numbers under DDP; every stage's epoch value is synced by torchmetrics.
@@ -212,13 +222,82 @@ class DPOModule(PolicyModule):
             )
         return out["losses"].mean()
 
-    # -- checkpoints: the reference network is rebuilt from its source, not stored -----------
+    # -- refusing data that is not preference pairs ------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Unpaired rows (prompt/completion: SFT or KTO-style data) give chosen = rejected in every
+        pair: the loss would stay ln 2 and nothing would train. Refused before any step by a
+        datamodule that knows its splits' formats (`PreferenceDataModule.require_pairs`); the
+        first training batch is checked too (`training_step`), for any other source."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        require_pairs = getattr(datamodule, "require_pairs", None)
+        if callable(require_pairs):
+            require_pairs()
+
+    def on_train_start(self) -> None:
+        self._pairs_checked = False
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if not self._pairs_checked:  # once per fit: dataloaders given to `fit` directly too
+            self._pairs_checked = True
+            same = identical_pairs(batch)
+            if self.trainer.strategy.reduce_boolean_decision(same, all=True):
+                raise ValueError(
+                    "every pair of the first training batch has identical chosen and rejected "
+                    "completions: DPO needs preference pairs (prompt/chosen/rejected) that "
+                    "differ; for unpaired prompt/completion rows (KTO-style or SFT data) "
+                    "train SFTModule instead"
+                )
+        return super().training_step(batch, batch_idx)
+
+    # -- checkpoints: what they were made from; the reference is rebuilt, not stored ---------
+
+    def objective(self) -> dict:
+        hp, settings = self.hparams, self.reference_strategy.settings
+        return super().objective() | {
+            "beta": hp.beta,
+            "loss_type": self.loss_types,
+            "loss_weights": self.loss_weights,
+            "label_smoothing": hp.label_smoothing,
+            "reference": settings.name,
+            "reference weights": self.fingerprint(settings.path) if settings.path else None,
+        }
+
+    def run_record(self) -> dict:
+        record = super().run_record()
+        record["sources"]["reference"] = self.reference_strategy.settings.path
+        return record
 
     def _rebuilt_keys(self) -> set[str]:
         if self.sharded:
             return set()
         reference = self.reference.state_dict() if self.reference is not None else {}
         return super()._rebuilt_keys() | {f"reference.{k}" for k in reference}
+
+
+def identical_pairs(batch: dict[str, Tensor]) -> bool:
+    """Whether every pair of a collated batch has the same chosen and rejected completion tokens
+    (labels), padded (rows i and B+i) or packed (sequences i and B+i, by `row_ids`)."""
+    labels = batch["labels"]
+    if "row_ids" not in batch:
+        n = len(labels) // 2
+        return bool((labels[:n] == labels[n:]).all())
+    n = int(batch["n_rows"]) // 2
+    tokens = [labels[(batch["row_ids"] == i) & (labels != IGNORE_INDEX)] for i in range(2 * n)]
+    return all(torch.equal(tokens[i], tokens[n + i]) for i in range(n))
+
+
+def _refuse_ignored_smoothing(label_smoothing: float, loss_types: list[str]) -> None:
+    """label_smoothing > 0 with a loss that ignores it (or with no loss that reads it) would
+    silently train without it."""
+    ignoring = [n for n in loss_types if LOSSES[n].smoothing is False]
+    if ignoring or not any(LOSSES[n].smoothing for n in loss_types):
+        readers = ", ".join(name for name, loss in LOSSES.items() if loss.smoothing)
+        ignored = ", ".join(ignoring or loss_types)
+        raise ValueError(
+            f"label_smoothing={label_smoothing} is ignored by loss_type {ignored}: only "
+            f"{readers} read it; set label_smoothing to 0, or use one of those"
+        )
 
 
 def _key(metric_name: str) -> str:

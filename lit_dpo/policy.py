@@ -4,6 +4,7 @@ scheduler, gradient norm, non-finite-loss guard and lean checkpoints built on th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,10 +15,18 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lit_dpo.hub import resolve
+from lit_dpo.hub import model_dir, tokenizer_fingerprint, weights_fingerprint
+
+# Config fields that say how a model was saved or is run, not what it is.
+_VOLATILE_CONFIG = {
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "output_attentions", "output_hidden_states", "return_dict",
+}  # fmt: skip
 
 
 class PaperRMSprop(torch.optim.RMSprop):
@@ -122,6 +131,7 @@ class PolicyModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.policy: nn.Module | None = None
+        self._fingerprints: dict[str, str] = {}  # path -> weights_fingerprint, computed once
 
     # -- the policy ----------------------------------------------------------------------------
 
@@ -135,7 +145,7 @@ class PolicyModule(L.LightningModule):
             kwargs["dtype"] = hp.torch_dtype
         if hp.attn_implementation:
             kwargs["attn_implementation"] = hp.attn_implementation
-        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_dir(name_or_path), **kwargs)
 
     def load_policy(self) -> nn.Module:
         """The policy, in train mode (from_pretrained returns eval mode, and Lightning keeps each
@@ -250,11 +260,107 @@ class PolicyModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in self._rebuilt_keys() & set(state):
             del state[key]
+        checkpoint["lit_dpo"] = self.run_record()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._refuse_another_run(checkpoint)
         # configure_model has rebuilt them from their source. (A sharded checkpoint's weights
         # are loaded by the strategy, and it keeps every key.)
         if self.policy is not None and "state_dict" in checkpoint:
             state = self.state_dict()
             missing = self._rebuilt_keys() - set(checkpoint["state_dict"])
             checkpoint["state_dict"].update({k: state[k] for k in missing})
+
+    # -- what a checkpoint was made from: resuming it with anything else is refused ----------
+
+    def objective(self) -> dict:
+        """The settings that define what is optimized (a subclass adds its own, e.g. beta).
+        Those that only say how long or how fast (max_steps, lr, the schedule) stay out: a run
+        may be resumed with others to extend it."""
+        lora = self.hparams.lora
+        return {"lora": asdict(LoRA(**lora)) if lora is not None else None}
+
+    def fingerprint(self, name_or_path: str) -> str:
+        """`lit_dpo.hub.weights_fingerprint`, computed once per source."""
+        if name_or_path not in self._fingerprints:
+            self._fingerprints[name_or_path] = weights_fingerprint(name_or_path)
+        return self._fingerprints[name_or_path]
+
+    def run_record(self) -> dict:
+        """What the weights in a checkpoint were made from, stored in it as `"lit_dpo"`: the
+        model's architecture (its config), the base weights the policy (and a copied reference)
+        started from, the tokenizer's vocabulary (with a datamodule that has one), and
+        `objective()`. `sources` only names them in messages."""
+        hp = self.hparams
+        config = {
+            k: v for k, v in self.policy.config.to_dict().items() if k not in _VOLATILE_CONFIG
+        }
+        record = {
+            "model config": json.dumps(config, sort_keys=True, default=str),
+            "model weights": self.fingerprint(hp.model_name_or_path),
+            **self.objective(),
+            "sources": {"model": hp.model_name_or_path},
+        }
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if hasattr(tokenizer, "get_vocab"):  # a loaded tokenizer, not (yet) a name
+            size = len(tokenizer)
+            record["tokenizer"] = f"{size} tokens, vocabulary {tokenizer_fingerprint(tokenizer)}"
+            record["sources"]["tokenizer"] = tokenizer.name_or_path
+        return record
+
+    def _refuse_another_run(self, checkpoint: dict) -> None:
+        """Resuming with another model, tokenizer or objective than the checkpoint was trained
+        with would go on silently from weights that mean something else: refused, each
+        difference named. A checkpoint without the record (older) loads with a warning."""
+        saved = checkpoint.get("lit_dpo")
+        if saved is None:
+            if self._trainer is not None:
+                rank_zero_warn(
+                    "the checkpoint does not record the model, tokenizer and settings it was "
+                    "trained with (it predates that record): resuming without checking them"
+                )
+            return
+        if self.policy is None:
+            return
+        current = self.run_record()
+        sources = saved.get("sources", {}), current["sources"]
+        differences = [
+            _difference(key, saved[key], current[key], *sources)
+            for key in saved
+            if key != "sources" and key in current and saved[key] != current[key]
+        ]
+        if differences:
+            path = self._trainer is not None and self.trainer.ckpt_path
+            name = f"checkpoint {str(path)!r}" if path else "checkpoint"
+            raise ValueError(
+                f"{name} was trained with {'; with '.join(differences)}: resume with the same "
+                f"setting{'s' if len(differences) > 1 else ''}, or start a new run"
+            )
+
+
+def _difference(key: str, saved, current, saved_sources: dict, sources: dict) -> str:
+    """One difference between a checkpoint's record and this run's, as "<then>, this run has
+    <now>"."""
+    if key == "model config":
+        old, new = json.loads(saved), json.loads(current)
+        keys = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k]][:4]
+        if not keys:  # fields only one side has (another transformers version or model type)
+            return "a model of another kind, this run's model is not"
+        then = ", ".join(f"{k}={old[k]!r}" for k in keys)
+        now = ", ".join(f"{k}={new[k]!r}" for k in keys)
+        return f"a model with {then}, this run's model has {now}"
+    if key in ("model weights", "reference weights"):
+        role = key.split()[0]
+        if current is None or saved is None:  # a reference model given on one side only
+            return f"{role} path {saved_sources.get(role)!r}, this run has {sources.get(role)!r}"
+        return (
+            f"the {role} weights of {saved_sources.get(role)!r}, this run's {role} "
+            f"{sources.get(role)!r} has different weight files"
+        )
+    if key == "tokenizer":
+        return (
+            f"tokenizer {saved_sources.get('tokenizer')!r} ({saved}), this run has tokenizer "
+            f"{sources.get('tokenizer')!r} ({current})"
+        )
+    return f"{key}={saved!r}, this run has {key}={current!r}"

@@ -6,9 +6,11 @@ A policy trained with DPO against a reference defines the reward (DPO paper, Eq.
 
 up to a function of the prompt alone, so rewards compare responses to the same prompt (ranking,
 best-of-N), not across prompts. Log-probs are summed over the response tokens, EOS included, the
-way DPOModule computes them in training. Responses given as text are tokenized by the data
-module's own rules (`lit_dpo.data.tokenize_completions`: chat template, BOS once, EOS once), so a
-(prompt, response) here gets exactly the reward DPOModule would log for it in a pair.
+way DPOModule computes them in training. A (prompt, response) is tokenized by the data module's
+own rules (`lit_dpo.data.tokenize_completions`) for a row of the same kind: strings as plain text
+(BOS once, EOS once, no chat template, as PreferenceDataModule reads string rows), message lists
+with the chat template. So a (prompt, response) here gets exactly the reward DPOModule logs for
+it in a pair of the same kind: pass message lists for a policy trained on conversations.
 """
 
 from __future__ import annotations
@@ -32,19 +34,36 @@ def tokenize_responses(
     responses: Sequence[str | Messages],
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, response ids) per (prompt, response), tokenized as PreferenceDataModule
-    tokenizes `prompt`/`completion` rows, whole (never truncated).
+    tokenizes a `prompt`/`completion` row of the same kind, whole (never truncated).
 
-    A string prompt is one user message when the tokenizer has a chat template (the response
-    then is one assistant message), plain text otherwise; message lists are used as given.
+    A string prompt with a string response is plain text, as a string row is in training, with
+    or without a chat template. Where either is a message list the pair is a conversation,
+    rendered with the chat template; a string on the other side is then one message (the user's
+    prompt, the assistant's response).
     """
-    if prompts and (tokenizer.chat_template or not isinstance(prompts[0], str)):
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    chat = [
+        not (isinstance(p, str) and isinstance(r, str))
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    ids: list = [None] * len(prompts)
+    for kind in (False, True):  # each kind in one call, as a split holds one kind of row
+        rows = [i for i, c in enumerate(chat) if c == kind]
+        if not rows:
+            continue
+        p = [_as(prompts[i], "user", kind) for i in rows]
+        r = [_as(responses[i], "assistant", kind) for i in rows]
+        where = f"implicit_reward ({'conversations' if kind else 'plain-text pairs'})"
+        out = tokenize_completions(tokenizer, p, r, where=where)
+        for i, p_ids, r_ids in zip(rows, *out, strict=True):
+            ids[i] = (p_ids, r_ids)
+    return [p for p, _ in ids], [r for _, r in ids]
 
-        def as_messages(value: str | Messages, role: str) -> Messages:
-            return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
-        prompts = [as_messages(p, "user") for p in prompts]
-        responses = [as_messages(r, "assistant") for r in responses]
-    return tokenize_completions(tokenizer, prompts, responses, where="implicit_reward")
+def _as(value: str | Messages, role: str, chat: bool) -> str | Messages:
+    """A string as one message of `role` in a conversation; anything else as given."""
+    return [{"role": role, "content": value}] if chat and isinstance(value, str) else value
 
 
 def log_ratios(
@@ -89,8 +108,10 @@ def implicit_reward(
         policy: the DPO-trained causal LM (e.g. `DPOModule.policy`).
         reference: its reference (e.g. `DPOModule.reference`); None: reference-free (log pi).
         tokenizer: the tokenizer the pairs were trained with.
-        prompts: user messages (strings) or message lists, one per response.
-        responses: assistant replies (strings) or message lists.
+        prompts: plain-text prompts or message lists, one per response (see
+            `tokenize_responses`: a string prompt with a string response is plain text, not
+            rendered with the chat template; pass `[{"role": "user", "content": ...}]` for that).
+        responses: replies: strings or message lists.
         beta: the beta the policy was trained with (it only scales the reward).
         batch_size: rows per forward pass.
 

@@ -9,6 +9,9 @@ from lit_dpo.reward import best_of_n, implicit_reward, log_ratios, tokenize_resp
 
 PROMPTS = ["Review the film.", "What did you think of the movie?", "Write a short review."]
 RESPONSES = ["The movie was wonderful.", "boring", "I loved the acting; the plot was weak!"]
+# As user messages: a conversation, rendered with the chat template (the responses, strings,
+# become assistant messages). String prompts with string responses are plain text.
+CHATS = [[{"role": "user", "content": p}] for p in PROMPTS]
 BETA = 0.1
 
 
@@ -46,7 +49,7 @@ def logp_full(model, prompt_ids, completion_ids):
 
 
 def test_tokenization_matches_the_data_module(tokenizer):
-    prompt_ids, response_ids = tokenize_responses(tokenizer, PROMPTS, RESPONSES)
+    prompt_ids, response_ids = tokenize_responses(tokenizer, CHATS, RESPONSES)
     for p, r, got_p, got_r in zip(PROMPTS, RESPONSES, prompt_ids, response_ids, strict=True):
         expected_p, expected_r = reference_ids(tokenizer, p, r)
         assert got_p == expected_p and got_r == expected_r
@@ -55,7 +58,7 @@ def test_tokenization_matches_the_data_module(tokenizer):
 
 def test_implicit_reward_equals_independent_computation(tokenizer, models):
     policy, reference = models
-    got = implicit_reward(policy, reference, tokenizer, PROMPTS, RESPONSES, beta=BETA)
+    got = implicit_reward(policy, reference, tokenizer, CHATS, RESPONSES, beta=BETA)
     expected = torch.stack(
         [
             BETA * (logp_full(policy, *ids) - logp_full(reference, *ids))
@@ -71,7 +74,7 @@ def test_implicit_reward_equals_independent_computation(tokenizer, models):
 
 def test_reference_free_and_self_reference(tokenizer, models):
     policy, _ = models
-    free = implicit_reward(policy, None, tokenizer, PROMPTS, RESPONSES, beta=1.0)
+    free = implicit_reward(policy, None, tokenizer, CHATS, RESPONSES, beta=1.0)
     expected = torch.stack(
         [
             logp_full(policy, *reference_ids(tokenizer, p, r))
@@ -79,13 +82,13 @@ def test_reference_free_and_self_reference(tokenizer, models):
         ]
     )
     torch.testing.assert_close(free, expected, atol=1e-6, rtol=0)
-    same = implicit_reward(policy, policy, tokenizer, PROMPTS, RESPONSES, beta=BETA)
+    same = implicit_reward(policy, policy, tokenizer, CHATS, RESPONSES, beta=BETA)
     assert torch.equal(same, torch.zeros(3, dtype=torch.float64))  # pi = pi_ref: reward 0
 
 
 def test_batching_and_padding_do_not_change_rewards(tokenizer, models):
     policy, reference = models
-    prompt_ids, response_ids = tokenize_responses(tokenizer, PROMPTS, RESPONSES)
+    prompt_ids, response_ids = tokenize_responses(tokenizer, CHATS, RESPONSES)
     pad = tokenizer.pad_token_id
     one = log_ratios(policy, reference, prompt_ids, response_ids, pad, batch_size=1)
     all_ = log_ratios(policy, reference, prompt_ids, response_ids, pad, batch_size=16)
@@ -95,7 +98,7 @@ def test_batching_and_padding_do_not_change_rewards(tokenizer, models):
 def test_modes_restored_and_no_grad(tokenizer, models):
     policy, reference = models
     policy.train(), reference.eval()
-    out = implicit_reward(policy, reference, tokenizer, PROMPTS[:1], RESPONSES[:1], beta=BETA)
+    out = implicit_reward(policy, reference, tokenizer, CHATS[:1], RESPONSES[:1], beta=BETA)
     assert policy.training and not reference.training  # each model back in its own mode
     assert not out.requires_grad
     policy.eval()
@@ -104,21 +107,23 @@ def test_modes_restored_and_no_grad(tokenizer, models):
 def test_best_of_n_picks_the_highest_implicit_reward(tokenizer, models):
     policy, reference = models
     candidates = [RESPONSES, RESPONSES[::-1]]
-    best, rewards = best_of_n(policy, reference, tokenizer, PROMPTS[:2], candidates, beta=BETA)
+    best, rewards = best_of_n(policy, reference, tokenizer, CHATS[:2], candidates, beta=BETA)
     assert rewards.shape == (2, 3)
-    for i, prompt in enumerate(PROMPTS[:2]):
+    for i, prompt in enumerate(CHATS[:2]):
         flat = implicit_reward(policy, reference, tokenizer, [prompt] * 3, candidates[i], BETA)
         torch.testing.assert_close(rewards[i], flat, atol=1e-9, rtol=0)
         assert best[i] == candidates[i][int(flat.argmax())]
     with pytest.raises(ValueError, match="same number"):
-        best_of_n(policy, reference, tokenizer, PROMPTS[:2], [RESPONSES, RESPONSES[:2]])
+        best_of_n(policy, reference, tokenizer, CHATS[:2], [RESPONSES, RESPONSES[:2]])
 
 
-def test_plain_text_prompts_without_chat_template(models):
-    """Without a chat template a string prompt is plain text: BOS + prompt, response + EOS."""
-    from conftest import build_tokenizer
+@pytest.mark.parametrize("template", [None, "conftest's"])
+def test_string_prompts_are_plain_text(models, template):
+    """A string prompt with a string response is plain text, as PreferenceDataModule reads
+    string rows, with or without a chat template: BOS + prompt, response + EOS."""
+    from conftest import CHAT_TEMPLATE, build_tokenizer
 
-    plain = build_tokenizer(chat_template=None)
+    plain = build_tokenizer(chat_template=template and CHAT_TEMPLATE)
     prompt_ids, response_ids = tokenize_responses(plain, ["The movie was"], [" wonderful."])
     assert prompt_ids[0] == plain("The movie was")["input_ids"]
     assert response_ids[0] == plain(" wonderful.", add_special_tokens=False)["input_ids"] + [
@@ -130,3 +135,12 @@ def test_plain_text_prompts_without_chat_template(models):
         reference, prompt_ids[0], response_ids[0]
     )
     torch.testing.assert_close(got[0], expected, atol=1e-6, rtol=0)
+
+
+def test_each_pair_is_tokenized_as_its_own_kind(tokenizer):
+    """Plain-text pairs and conversations in one call keep their order and their own rules."""
+    mixed = tokenize_responses(tokenizer, [PROMPTS[0], CHATS[1]], RESPONSES[:2])
+    plain = tokenize_responses(tokenizer, PROMPTS[:1], RESPONSES[:1])
+    chat = tokenize_responses(tokenizer, CHATS[1:2], RESPONSES[1:2])
+    assert mixed == (plain[0] + chat[0], plain[1] + chat[1])
+    assert plain[0][0] != reference_ids(tokenizer, PROMPTS[0], RESPONSES[0])[0]

@@ -32,6 +32,8 @@ CHAT = {"prompt": USER, "chosen": PARIS, "rejected": LYON}
 CHAT_IMPLICIT = {"chosen": USER + PARIS, "rejected": USER + LYON}
 HH = "\n\nHuman: Hi\n\nAssistant:"
 LONG = " the movie was wonderful" * 4  # 37 tokens with BOS
+# UltraFeedback-binarized: a prompt string, whole conversations holding it (more: test_data_faults)
+UF = {"prompt": "Hi", "chosen": USER + PARIS, "rejected": USER + LYON, "score_chosen": 8.0}
 
 
 def built(dataset, tokenizer, **kwargs):
@@ -73,6 +75,13 @@ BAD_ROWS = {
     "not-a-string": BadRow(PAIR, {**PAIR, "chosen": 5}, "'chosen' must be a string, got int"),
     "identical-completions": BadRow(
         PAIR, {**PAIR, "rejected": PAIR["chosen"]}, "'chosen' is identical to 'rejected'"
+    ),
+    "prompt-repeated-in-text-completions": BadRow(  # prompt + full transcripts
+        PAIR,
+        {"prompt": "Is it good?", "chosen": "Is it good? Yes.", "rejected": "Is it good? No."},
+        "'chosen' and 'rejected' both start with the whole 'prompt': strip it from them (or, for "
+        "full Anthropic-HH transcripts, drop the 'prompt' column to read them as implicit-prompt "
+        "rows)",
     ),
     "mixed-formats": BadRow(
         PAIR,
@@ -162,6 +171,28 @@ BAD_ROWS = {
         {"chosen": "Cats purr", "rejected": "Dogs bark"},
         "'chosen' and 'rejected' share no beginning to use as the prompt",
     ),
+    "implicit-text-without-hh-turn": BadRow(  # where the prompt ends would be a guess
+        {"chosen": HH + " The cat", "rejected": HH + " The dog"},
+        {"chosen": "The answer is 4", "rejected": "The answer is 5"},
+        "'chosen' and 'rejected' start alike but share no Anthropic-HH turn ending in "
+        "'\\n\\nAssistant:', so where the prompt ends is unknown: give the prompt in a 'prompt' "
+        "column",
+    ),
+    "implicit-text-different-hh-prompts": BadRow(
+        {"chosen": HH + " The cat", "rejected": HH + " The dog"},
+        {
+            "chosen": HH + " Hello\n\nHuman: Bye\n\nAssistant: Ciao",
+            "rejected": HH + " Hello\n\nHuman: Stay\n\nAssistant: Sure",
+        },
+        "'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn (different "
+        "prompts)",
+    ),
+    # UltraFeedback-binarized rows: a prompt string and whole conversations
+    "prompt-not-in-the-conversations": BadRow(
+        UF,
+        {**UF, "prompt": "Hello"},
+        "'prompt' is not the last user message that 'chosen' and 'rejected' share",
+    ),
     # completion (SFT) rows
     "empty-completion": BadRow(
         {"prompt": "The movie", "completion": " was good"},
@@ -175,6 +206,13 @@ BAD_ROWS = {
         "prompt too long: no room for a completion within max_length=12 "
         "(prompts are cut to max_prompt_length=12 first)",
         settings={"max_length": 12, "max_prompt_length": 12},
+    ),
+    "identical-after-truncation": BadRow(  # cut to 5 completion tokens: a tie
+        PAIR,
+        {**PAIR, "chosen": " was wonderful, a delight", "rejected": " was wonderful, a bore"},
+        "'chosen' and 'rejected' are identical after truncation to max_length=8: raise "
+        "max_length (or lower max_prompt_length) so that the tokens where they differ fit",
+        settings={"max_length": 8, "max_prompt_length": 4},
     ),
     "refused-by-the-chat-template": BadRow(
         CHAT,
@@ -325,6 +363,24 @@ def directory_without_split_files(tmp_path):
     return str(tmp_path)
 
 
+def file_named_after_no_split(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [PAIR])
+    write_jsonl(tmp_path / "extra.jsonl", [PAIR])
+    return str(tmp_path)
+
+
+def one_split_under_two_names(tmp_path):
+    for name in ("train", "val", "validation"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [PAIR])
+    return str(tmp_path)
+
+
+def csv_files_with_different_columns(tmp_path):
+    write(tmp_path / "train-0.csv", "prompt,chosen,rejected\na,b,c\n")
+    write(tmp_path / "train-1.csv", "prompt,chosen\na,b\n")
+    return str(tmp_path)
+
+
 def mixed_file_types(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [PAIR])
     write(tmp_path / "validation.csv", "prompt,chosen,rejected\na,b,c\n")
@@ -344,6 +400,23 @@ BAD_SOURCES = {
         FileNotFoundError,
         "no data files named after a split (train, validation, test)",
     ),
+    "data-file-named-after-no-split": (
+        file_named_after_no_split,
+        ValueError,
+        "extra.jsonl: data file named after no split; name each file after its split (train, "
+        "validation, test; validation also as valid/val/dev/eval/evaluation) or move it out of "
+        "the directory",
+    ),
+    "one-split-under-two-names": (
+        one_split_under_two_names,
+        ValueError,
+        "val.jsonl, validation.jsonl all hold split 'validation' under different names; keep one",
+    ),
+    "csv-files-with-different-columns": (
+        csv_files_with_different_columns,
+        ValueError,
+        "columns ['prompt', 'chosen'] differ from",
+    ),
     "unsupported-file-type": (
         lambda tmp: write(tmp / "pairs.txt", "x"),
         ValueError,
@@ -359,10 +432,31 @@ BAD_SOURCES = {
         ValueError,
         "could not load dataset 'no-such-org/no-such-data' from the Hub",
     ),
+    "hub-dataset-offline": (
+        lambda tmp: "no-such-org/no-such-data",
+        ValueError,
+        "dataset file or directory not found: no-such-org/no-such-data; could not load dataset "
+        "'no-such-org/no-such-data' from the Hub either (HF_HUB_OFFLINE is set, and it is not in "
+        "the cache)",
+    ),
     "missing-column": (
         lambda tmp: write_jsonl(tmp / "p.jsonl", [{"prompt": "a", "chosen": "b"}]),
         ValueError,
         "missing column 'rejected'; found ['prompt', 'chosen']",
+    ),
+    "prompt-under-another-name": (
+        lambda tmp: write_jsonl(tmp / "p.jsonl", [{"instruction": "a", "completion": "b"}]),
+        ValueError,
+        "missing column 'prompt'; found ['instruction', 'completion'] ('instruction' looks like "
+        "the prompt: rename it to 'prompt')",
+    ),
+    "unpaired-kto-rows": (
+        lambda tmp: datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": True}]),
+        ValueError,
+        "unpaired prompt/completion rows with a 'label' column (KTO-style): lit_dpo trains on "
+        "pairs (prompt/chosen/rejected) with DPOModule or on completions with SFTModule; pair "
+        "each prompt's desirable and undesirable completions as chosen and rejected, or keep "
+        "only the desirable rows and drop 'label' for SFT",
     ),
     "no-known-columns": (
         lambda tmp: write_jsonl(tmp / "p.jsonl", [{"question": "a", "answer": "b"}]),
@@ -395,6 +489,15 @@ BAD_SOURCES = {
         ValueError,
         "line 2: not a JSON object but list",
     ),
+    "lone-utf16-surrogate": (  # valid JSON, but no text
+        lambda tmp: write(
+            tmp / "p.jsonl",
+            json.dumps(PAIR) + '\n{"prompt": "a", "chosen": "\\ud800", "rejected": "c"}\n',
+        ),
+        ValueError,
+        "line 2: 'chosen' holds a lone UTF-16 surrogate ('\\ud800'), which is not text: remove it, "
+        "or escape the whole character (a surrogate pair)",
+    ),
     "invalid-utf8": (
         lambda tmp: write(tmp / "p.jsonl", json.dumps(PAIR).encode() + b'\n{"prompt": "\xff"}\n'),
         ValueError,
@@ -404,6 +507,16 @@ BAD_SOURCES = {
         lambda tmp: write(tmp / "p.csv", b"prompt,chosen,rejected\na,b,c\n\xe9t\xe9,b,c\n"),
         ValueError,
         "line 3: not valid UTF-8 (byte 0xe9 at byte 1)",
+    ),
+    "csv-record-with-a-missing-field": (  # pandas filled it with an empty cell
+        lambda tmp: write(tmp / "p.csv", "prompt,chosen,rejected\na,b,c\nd,e\n"),
+        ValueError,
+        "line 3: 2 fields, but the header has 3",
+    ),
+    "csv-quote-never-closed": (
+        lambda tmp: write(tmp / "p.csv", 'prompt,chosen,rejected\na,"b\nc",d\ne,"f,g\n'),
+        ValueError,
+        "line 4: not valid CSV (unexpected end of data)",
     ),
     "corrupt-parquet": (
         lambda tmp: write(tmp / "p.parquet", b"PAR1 not really"),
@@ -461,6 +574,14 @@ def no_eos_tokenizer():
     return tokenizer
 
 
+def lowercasing_tokenizer():
+    from tokenizers import normalizers
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return tokenizer
+
+
 BAD_TOKENIZERS = {
     "no-tokenizer": (lambda: None, [PAIR], "PreferenceDataModule needs a tokenizer"),
     "no-eos-token": (
@@ -472,6 +593,11 @@ BAD_TOKENIZERS = {
         lambda: build_tokenizer(chat_template=None),
         [CHAT],
         "rows are conversational but the tokenizer has no chat template",
+    ),
+    "a-tie-only-the-tokenizer-sees": (  # "Was" and "was": the same tokens once lowercased
+        lowercasing_tokenizer,
+        [PAIR, {**PAIR, "chosen": " Was wonderful", "rejected": " was wonderful"}],
+        "'chosen' and 'rejected' are different texts but the same tokens",
     ),
     "chat-template-that-does-not-extend-the-prompt": (
         lambda: build_tokenizer(
@@ -569,6 +695,15 @@ BAD_SETTINGS = {
     "reference-free-with-a-reference-strategy": (
         lambda: DPOModule("unused", reference="precomputed", reference_free=True),
         "reference_free builds no reference: unset reference='precomputed'",
+    ),
+    "infinite-beta": (
+        lambda: DPOModule("unused", beta=float("inf")),
+        "beta must be a finite positive number, got inf",
+    ),
+    "label-smoothing-with-a-loss-that-ignores-it": (
+        lambda: DPOModule("unused", loss_type="ipo", label_smoothing=0.1),
+        "label_smoothing=0.1 is ignored by loss_type ipo: only sigmoid, robust, exo_pair, "
+        "sigmoid_norm read it; set label_smoothing to 0, or use one of those",
     ),
 }
 

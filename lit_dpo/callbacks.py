@@ -1,17 +1,33 @@
-"""Callbacks the `lit-dpo` command always adds."""
+"""What the `lit-dpo` command always adds to a run: a checkpoint when the run is stopped (Ctrl-C,
+SIGTERM) and checkpoint files that are whole or absent."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from pathlib import Path
 
 import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 
 class InterruptCheckpoint(Callback):
-    """On Ctrl-C during `fit`, save a checkpoint before Lightning shuts down, so that
-    `--ckpt_path <it>` resumes where the run stopped instead of at the last periodic checkpoint.
+    """When `fit` is stopped by Ctrl-C or SIGTERM (a scheduler's preemption, `docker stop`,
+    `kill PID`), save a checkpoint, so that `--ckpt_path last` (or `--ckpt_path <it>`) resumes
+    where the run stopped instead of at the last periodic checkpoint.
+
+    SIGTERM ends the run after the current training step, on every rank after the same one,
+    and the process exits with status 143 (128 + SIGTERM): Lightning alone exits 0, and a
+    scheduler would believe the job finished.
 
     Args:
         filename: written beside the run's other checkpoints (the ModelCheckpoint's directory,
@@ -20,13 +36,113 @@ class InterruptCheckpoint(Callback):
 
     def __init__(self, filename: str = "interrupted.ckpt"):
         self.filename = filename
+        self._sigterm = False  # this process received SIGTERM during fit
+        self._trainer: L.Trainer | None = None
+
+    def path(self, trainer: L.Trainer) -> str:
+        """Where the checkpoint goes (under DDP every rank must call this: it may broadcast)."""
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+            return os.path.join(ckpt.dirpath, self.filename)
+        return os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "checkpoints", self.filename
+        )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sigterm = False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_sigterm(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_sigterm(trainer)
+
+    def _take_sigterm(self, trainer: L.Trainer) -> None:
+        # Lightning (2.6) has just installed its SIGTERM handler, which broadcasts from inside
+        # the handler: under DDP that collective pairs with whatever the other rank runs next,
+        # and gloo aborts ("Received data size doesn't match"). Ours only takes note; the ranks
+        # agree in on_train_batch_end. Lightning's teardown restores the previous handler.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame) -> None:
+        launcher = self._trainer.strategy.launcher if self._trainer else None
+        if not self._sigterm and launcher is not None:
+            launcher.kill(signum)  # the ranks this process started, as Lightning does
+        self._sigterm = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # One collective per step, on every rank at the same point: stop if any rank was told to.
+        if trainer.strategy.reduce_boolean_decision(self._sigterm, all=False):
+            # Lightning's own flag: its loop raises SIGTERMException once this step is complete.
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
+        if isinstance(exception, SIGTERMException):
+            exception.code = SIGTERM_EXIT  # a SystemExit: this is the status the process ends with
+        elif not isinstance(exception, KeyboardInterrupt):
             return
-        ckpt = trainer.checkpoint_callback
-        root = trainer.log_dir or trainer.default_root_dir
-        dirpath = ckpt.dirpath if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath else None
-        path = os.path.join(dirpath or os.path.join(root, "checkpoints"), self.filename)
-        trainer.save_checkpoint(path)  # Lightning writes it atomically (temp file, then move)
-        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved {path}")
+        if trainer.state.fn != "fit":
+            return
+        path = self.path(trainer)
+        trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+        how = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
+        rank_zero_info(
+            f"{how} at step {trainer.global_step}: saved {path} (--ckpt_path last resumes)"
+        )
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); nothing was left under its name."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files that are whole or absent, never cut short under their final name.
+
+    Each checkpoint is written to a temporary file in its own directory, synced to disk, then
+    renamed to its name (`os.replace`, atomic within one filesystem). Lightning's own save
+    (2.6, through fsspec) writes the temporary file in the system temp directory and moves it:
+    when the run directory is on another filesystem, that move is a copy into the final name,
+    and a full disk leaves a partial `epoch=0-step=2.ckpt` that looks complete.
+    Remote paths (s3://, ...) are left to Lightning.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden, and not a *.ckpt
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, (OSError, RuntimeError)):  # torch wraps the OSError of a write
+                cause = next((e for e in _chain(err) if isinstance(e, OSError)), err)
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint {path}: {cause} (no file left under that name)"
+                ) from err
+            raise
+        _fsync_dir(path.parent)  # the rename itself survives a crash
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse to sync a directory: the file itself is synced
+        pass
+    finally:
+        os.close(fd)

@@ -2,20 +2,38 @@
 
 lit-dpo fit --config configs/sentiment-smollm2.yaml
 lit-dpo fit --config configs/tiny.yaml --model.beta 0.5 --print_config
+lit-dpo fit --config configs/tiny.yaml --ckpt_path last   # after a preemption: resume
 lit-dpo export --ckpt_path runs/x/checkpoints/last.ckpt --output_dir runs/x/hf
+
+Each run writes into a `lightning_logs/version_N` of its own, even when several start at once
+into one `default_root_dir`; `--ckpt_path last` resumes from the newest checkpoint of those runs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import zipfile
+from pathlib import Path
 
+import lightning as L
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_dpo.callbacks import InterruptCheckpoint
+from lit_dpo.callbacks import AtomicCheckpointIO, CheckpointWriteError, InterruptCheckpoint
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.export import HFExport, export_checkpoint
 from lit_dpo.module import DPOModule
+
+# A parse error raises (one line in main) instead of printing the whole usage and exiting.
+_PARSER_KWARGS = {"exit_on_error": False} | {
+    cmd: {"exit_on_error": False} for cmd in ("fit", "validate", "test", "predict")
+}
 
 
 class DPOCLI(LightningCLI):
@@ -26,29 +44,148 @@ class DPOCLI(LightningCLI):
         # Always on: the trained policy is written in Hugging Face format when fit ends.
         parser.add_lightning_class_args(HFExport, "export")
 
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: LightningCLI (2.6) would replace the model's settings with those saved in a
+        `--ckpt_path` file, silently dropping the ones this command gives (`--model.lora.r 4`
+        resumed without LoRA). The run keeps its own; a checkpoint trained with other settings
+        is refused when it loads, naming each difference."""
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        # Checkpoints whole or absent: Lightning's stock writer is replaced; a plugin the
+        # config names is kept.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":  # before this run claims its (empty) directory
+            config["ckpt_path"] = last_checkpoint(trainer)
+        if config.get("ckpt_path") and os.path.isfile(config["ckpt_path"]):
+            whole_checkpoint(config["ckpt_path"])
+        if trainer.is_global_zero:  # the other ranks' log_dir is rank 0's (Lightning broadcasts)
+            for logger in trainer.loggers:
+                claim_version(logger)
+
+    before_validate = before_test = before_predict = before_fit
+
+
+def _auto_versioned(logger) -> bool:
+    """A logger that would pick the next free `version_N` itself (Lightning's default logger)."""
+    return isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger._version is None
+
+
+def claim_version(logger) -> None:
+    """Give an auto-versioned logger a `version_N` directory created here with `os.mkdir`,
+    which exactly one process can do: runs started at the same moment into one root would
+    otherwise each compute the same next N and share a directory."""
+    if not _auto_versioned(logger):
+        return
+    root = Path(logger.root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{n}").mkdir()
+        except FileExistsError:  # another run took it first
+            n += 1
+            continue
+        logger._version = n  # the loggers' own field: what `version=n` would have set
+        return
+
+
+def last_checkpoint(trainer: L.Trainer) -> str | None:
+    """`--ckpt_path last`: the newest checkpoint (by modification time) of the runs under this
+    root, including the one a SIGTERM or Ctrl-C saved. Every run logs into a `version_N` of
+    its own, where Lightning's own "last" would look, and find nothing, on a rerun."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if _auto_versioned(logger):
+        runs = [p for p in Path(logger.root_dir).glob("version_*") if p.is_dir()]
+    else:
+        runs = [Path(trainer.log_dir or trainer.default_root_dir)]
+    dirs = {run / "checkpoints" for run in runs}
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            dirs.add(Path(cb.dirpath))
+    found = [p for d in dirs for p in d.glob("*.ckpt")]
+    found += Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")  # Lightning's SLURM requeue
+    if not found:
+        rank_zero_warn("--ckpt_path last: no checkpoint yet; training starts from the beginning")
+        return None
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns))
+
+
+def whole_checkpoint(path: str) -> None:
+    """Refuse a checkpoint file cut short (a full disk, a copy interrupted): one line naming it,
+    where loading it would fail deep inside torch.load. A checkpoint is a zip archive, whose
+    directory is written last."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"--ckpt_path {path}: not a whole checkpoint (cut short or damaged); pass another"
+            " (or move it away, and `--ckpt_path last` takes the newest one left)"
+        )
+
+
+def _negative_numbers(argv: list[str]) -> list[str]:
+    """`--model.beta -1e-3` as `--model.beta=-1e-3`: argparse (Python < 3.13) takes a value that
+    starts with '-' for an option unless it reads like -1 or -0.5, so -1e-3 and -inf failed
+    with "expected one argument"."""
+    out: list[str] = []
+    for arg in argv:
+        if out and re.fullmatch(r"--[\w.]+", out[-1]) and arg.startswith("-") and _is_float(arg):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _one_line(err: ArgumentError) -> str:
+    """jsonargparse's 'Parser key "model.beta":\\n  Not of type PositiveFloat: ...' on one line,
+    led by the option it is about."""
+    lines = [re.sub(r"^- ", "", line.strip()) for line in str(err).splitlines() if line.strip()]
+    key = re.fullmatch(r'Parser key "(.+)":', lines[0])
+    return f"--{key[1]}: " + "; ".join(lines[1:]) if key else "; ".join(lines)
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; `args` (default: the command line) lets tests and notebooks call it."""
+    if args is None:  # rewritten in place: DDP starts the other ranks with sys.argv
+        sys.argv[1:] = _negative_numbers(sys.argv[1:])
+    else:
+        args = _negative_numbers(args)
     argv = sys.argv[1:] if args is None else args
     try:
         if argv[:1] == ["export"]:  # a tool, not a Trainer run
             from jsonargparse import auto_cli
 
-            auto_cli({"export": export_checkpoint}, args=argv)
+            auto_cli({"export": export_checkpoint}, args=argv, exit_on_error=False)
             return
         DPOCLI(
             DPOModule,
             PreferenceDataModule,
             args=args,
+            parser_kwargs=_PARSER_KWARGS,
             # Rerunning a config into the same directory replaces its saved config.yaml.
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module builds them over trainable params
             trainer_defaults={"callbacks": [InterruptCheckpoint()]},  # added to the config's
         )
-    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+    except ArgumentError as err:  # a value the parser refuses: usage errors exit 2
+        if os.environ.get("LIT_DPO_DEBUG"):
+            raise
+        print(f"lit-dpo: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except (FileNotFoundError, ValueError, FloatingPointError, CheckpointWriteError) as err:
         # Bad input (a missing file, an unknown loss, a malformed row) is the user's to fix, and a
-        # non-finite loss names its step and saved batch: one clear line, no traceback.
-        # LIT_DPO_DEBUG=1 shows it.
+        # non-finite loss names its step and saved batch, a full disk the checkpoint it cut: one
+        # clear line, no traceback. LIT_DPO_DEBUG=1 shows it.
         if os.environ.get("LIT_DPO_DEBUG"):
             raise
         sys.exit(f"lit-dpo: error: {err}")

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_dpo.callbacks import AtomicCheckpointIO, CheckpointWriteError, InterruptCheckpoint
 from lit_dpo.data import PreferenceDataModule
-from lit_dpo.export import HFExport, export_checkpoint
+from lit_dpo.export import HFExport, check_sharded, export_checkpoint
 from lit_dpo.module import DPOModule
 
 # A parse error raises (one line in main) instead of printing the whole usage and exiting.
@@ -61,6 +61,8 @@ class DPOCLI(LightningCLI):
             config["ckpt_path"] = last_checkpoint(trainer)
         if config.get("ckpt_path") and os.path.isfile(config["ckpt_path"]):
             whole_checkpoint(config["ckpt_path"])
+        elif config.get("ckpt_path") and os.path.isdir(config["ckpt_path"]):  # sharded
+            check_sharded(config["ckpt_path"])
         if trainer.is_global_zero:  # the other ranks' log_dir is rank 0's (Lightning broadcasts)
             for logger in trainer.loggers:
                 claim_version(logger)

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
@@ -185,12 +186,9 @@ class _Reader(FileSystemReader):
         return self.metadata
 
 
-def _load_sharded(path: Path) -> dict:
-    """The model weights (`state_dict`) and the Trainer's entries (`meta.pt`: hyperparameters,
-    ...) of a sharded checkpoint, consolidated on CPU. Only tensors are read, each with
-    `weights_only`; the pickled non-tensor entries (optimizer settings) are never loaded."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+def _read_metadata(path: Path):
+    """The `.metadata` of a sharded checkpoint, through `_MetadataUnpickler`; one line if not."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     try:
         with open(path / ".metadata", "rb") as f:
@@ -205,6 +203,58 @@ def _load_sharded(path: Path) -> dict:
     if not isinstance(metadata, Metadata):
         raise ValueError(f"{path}/.metadata is not torch.distributed.checkpoint metadata")
     metadata.storage_meta = metadata.storage_meta or StorageMeta()
+    return metadata
+
+
+class _PlainBytesPlanner(DefaultLoadPlanner):
+    """Reads a checkpoint's pickled non-tensor entries (the optimizer's settings) with
+    `weights_only`, where torch's own planner unpickles them in full; keeps what it refused
+    (raising here would come back wrapped in torch's CheckpointException)."""
+
+    def __init__(self):
+        super().__init__(flatten_state_dict=False)
+        self.refused: dict[str, str] = {}  # {entry: the global it pickles}
+
+    def load_bytes(self, read_item, value) -> None:
+        name = read_item.dest_index.fqn
+        try:
+            self.state_dict[name] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            self.refused[name] = _refused(err)
+
+
+def check_sharded(path: str | Path) -> None:
+    """Refuse, in one line, a sharded checkpoint that holds pickled code: resuming from it
+    (Lightning and torch.distributed.checkpoint) would unpickle its `.metadata` and its
+    non-tensor entries in full. Read here with an allow-list and `weights_only` instead."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+    metadata = _read_metadata(path)
+    entries = [k for k, md in metadata.state_dict_metadata.items()
+               if isinstance(md, BytesStorageMetadata)]  # fmt: skip
+    planner = _PlainBytesPlanner()
+    dcp.load(dict.fromkeys(entries), storage_reader=_Reader(path, metadata), planner=planner,
+             no_dist=True)  # fmt: skip
+    if planner.refused:
+        name, what = next(iter(planner.refused.items()))
+        raise ValueError(
+            f"{path}: entry {name!r} pickles {what}: not unpickled (resume only from a checkpoint "
+            "that holds tensors and plain values)"
+        )
+    if (path / "meta.pt").is_file():
+        _torch_load(path / "meta.pt", trust=False)
+
+
+def _load_sharded(path: Path) -> dict:
+    """The model weights (`state_dict`) and the Trainer's entries (`meta.pt`: hyperparameters,
+    ...) of a sharded checkpoint, consolidated on CPU. Only tensors are read, each with
+    `weights_only`; the pickled non-tensor entries (optimizer settings) are never loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _read_metadata(path)
     weights = {
         name: torch.empty(md.size, dtype=md.properties.dtype)
         for name, md in metadata.state_dict_metadata.items()
@@ -216,14 +266,18 @@ def _load_sharded(path: Path) -> dict:
     return checkpoint
 
 
+def _refused(err: pickle.UnpicklingError) -> str:
+    """The global a `weights_only` load refused, from torch's message."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    return found.group(1) if found else "objects beyond tensors and plain values"
+
+
 def _torch_load(path: Path, trust: bool) -> dict:
     """`torch.load`: tensors and plain values only, unless trusted; one line if refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = found.group(1) if found else "objects beyond tensors and plain values"
-        raise ValueError(f"{path} pickles {what}: not unpickled ({_TRUST})") from None
+        raise ValueError(f"{path} pickles {_refused(err)}: not unpickled ({_TRUST})") from None
 
 
 def _load_module(path: Path, trust: bool) -> DPOModule:

@@ -254,3 +254,22 @@ def test_what_is_not_a_checkpoint_is_named_in_one_line(ckpt, tmp_path):
         error = export("--ckpt_path", path, "--output_dir", tmp_path / "out")
         assert str(path) in error and says in error, error
     assert not (tmp_path / "out").exists()
+
+
+# -- resuming: the same rule for `lit-dpo fit --ckpt_path <sharded dir>` -------------------------
+
+
+@pytest.mark.parametrize("kind", ["sharded-metadata", "sharded-bytes"])
+def test_resuming_from_a_sharded_checkpoint_never_runs_its_pickles(kind, ckpt, tmp_path):
+    """torch.distributed.checkpoint would `pickle.load` the .metadata and `torch.load` the
+    optimizer's settings with weights_only=False: checked first with an allow-list and
+    weights_only, and refused in one line before anything loads."""
+    from lit_dpo.export import check_sharded
+
+    check_sharded(shard(ckpt, tmp_path / "good"))  # a real sharded checkpoint passes
+    marker = tmp_path / "pwned"
+    evil = malicious(kind, ckpt, tmp_path, marker)
+    with pytest.raises(ValueError, match="pickles posix.system") as refused:
+        check_sharded(evil)
+    assert str(evil) in str(refused.value) and "\n" not in str(refused.value)
+    assert not marker.exists()

@@ -278,6 +278,7 @@ def test_truncation_counts(tokenizer, caplog):
         "skipped": 0,
         "prompts_truncated": 1,
         "completions_truncated": 2,
+        "empty_completions": 0,
         "problems": {},
     }
     lengths = [len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) for r in dm.train_dataset]
@@ -350,6 +351,7 @@ def test_single_source_holds_out_validation(write, tokenizer, tmp_path):
             "skipped": 0,
             "prompts_truncated": 0,
             "completions_truncated": 0,
+            "empty_completions": 0,
             "problems": {},
         }
     }

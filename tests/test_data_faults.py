@@ -111,22 +111,18 @@ def hh_prompt(row):
     return row["chosen"][: row["chosen"].rindex("\n\nAssistant:") + len("\n\nAssistant:")]
 
 
-def test_anthropic_hh_as_published_splits_after_the_last_assistant_turn(tokenizer, tmp_path):
-    """The six verbatim rows: five train, prompt = every turn up to the last "Assistant:"; the
-    one with an empty chosen reply (as 4 rows of the published file have) is refused by line."""
-    with pytest.raises(ValueError) as raised:
-        built(str(HH), tokenizer, val_fraction=0)
-    assert str(raised.value).splitlines()[1] == (
-        "  line 1: 'chosen' or 'rejected' has nothing after the prompt they share"
-    )
-    dm = built(
-        str(HH), tokenizer, val_fraction=0, on_bad_rows="skip", rejects_path=str(tmp_path / "r")
-    )
-    kept = hh_rows()[1:]
-    assert decoded(tokenizer, dm, "prompt_input_ids") == ["<s>" + hh_prompt(r) for r in kept]
+def test_anthropic_hh_as_published_splits_after_the_last_assistant_turn(tokenizer):
+    """The six verbatim rows all train, prompt = every turn up to the last "Assistant:"; the one
+    with an empty chosen reply (as 4 rows of the published file have: silence preferred) is EOS
+    alone, and counted. The whole published file: tests/test_data_layouts.py."""
+    dm = built(str(HH), tokenizer, val_fraction=0)
+    rows = hh_rows()
+    assert decoded(tokenizer, dm, "prompt_input_ids") == ["<s>" + hh_prompt(r) for r in rows]
     assert decoded(tokenizer, dm, "chosen_input_ids") == [
-        r["chosen"][len(hh_prompt(r)) :] + "</s>" for r in kept
+        r["chosen"][len(hh_prompt(r)) :].rstrip() + "</s>" for r in rows
     ]
+    assert decoded(tokenizer, dm, "chosen_input_ids")[0] == "</s>"
+    assert dm.stats["train"]["empty_completions"] == 1
 
 
 def test_hh_transcripts_with_a_prompt_column_are_refused(tokenizer, tmp_path):
@@ -219,16 +215,21 @@ def test_shards_and_custom_split_names(tokenizer, tmp_path):
 
 
 def test_csv_cells_are_text_as_written(tokenizer, tmp_path):
-    """'4' and '5' are answers, not numbers; 'NA' and 'None' are words; "" is an empty answer."""
+    """'4' and '5' are answers, not numbers; 'NA' and 'None' are words; "" is an empty answer
+    (EOS alone, counted), and an empty prompt cell an empty prompt (refused)."""
     path = tmp_path / "pairs.csv"
     path.write_text(
         "prompt,chosen,rejected\nWhat is 2+2?,4,5\nSay a word,NA,None\nSay nothing,,no\n"
     )
+    dm = built(str(path), tokenizer, val_fraction=0)
+    assert decoded(tokenizer, dm, "chosen_input_ids") == ["4</s>", "NA</s>", "</s>"]
+    assert dm.stats["train"]["empty_completions"] == 1
+    path.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nSay a word,NA,None\n,yes,no\n")
     with pytest.raises(ValueError) as raised:
         built(str(path), tokenizer, val_fraction=0)
     assert str(raised.value).splitlines()[:2] == [
         f"{path}: split 'train': 1 of 3 rows cannot be trained on:",
-        "  row 3: 'chosen' is empty",
+        "  row 3: 'prompt' is empty",
     ]
     path.write_text("\ufeffprompt,chosen,rejected\nWhat is 2+2?,4,5\nSay a word,NA,None\n")
     dm = built(str(path), tokenizer, val_fraction=0)  # a spreadsheet's byte-order mark too
@@ -266,10 +267,10 @@ def test_a_csv_file_given_on_the_command_line_is_read_as_a_path(tiny_model_dir, 
 def test_a_json_array_saved_as_jsonl_names_the_right_lines(tokenizer, tmp_path):
     """A pretty-printed array in a .jsonl file is read as the array it is, and each row is
     named by the line it starts on (7 lines per row here), in errors and in the rejects file."""
-    rows = [PAIR, PAIR, {**PAIR, "chosen": ""}]
+    rows = [PAIR, PAIR, {**PAIR, "prompt": ""}]
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(rows, indent=2))
-    with pytest.raises(ValueError, match=r"\n  line 12: 'chosen' is empty\n"):
+    with pytest.raises(ValueError, match=r"\n  line 12: 'prompt' is empty\n"):
         built(str(path), tokenizer, val_fraction=0)
     rejects = tmp_path / "rejects.jsonl"
     built(str(path), tokenizer, val_fraction=0, on_bad_rows="skip", rejects_path=str(rejects))
@@ -281,8 +282,8 @@ def test_pretty_printed_objects_in_jsonl_are_named_by_their_first_line(tokenizer
     """Objects spanning lines, one after another (the loader reads them): a bad row, or a
     broken object, is named by the line it is on, not by counting non-blank lines."""
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r, indent=2) for r in [PAIR, {**PAIR, "chosen": ""}]))
-    with pytest.raises(ValueError, match=r"\n  line 6: 'chosen' is empty\n"):
+    path.write_text("\n".join(json.dumps(r, indent=2) for r in [PAIR, {**PAIR, "prompt": ""}]))
+    with pytest.raises(ValueError, match=r"\n  line 6: 'prompt' is empty\n"):
         built(str(path), tokenizer, val_fraction=0)
     path.write_text(json.dumps(PAIR, indent=2) + '\n{\n  "prompt": "a",\n  "chosen" "b"\n}\n')
     with pytest.raises(ValueError) as raised:
@@ -391,7 +392,8 @@ def test_gzipped_json_lines_as_published(tokenizer, tmp_path):
     path = tmp_path / "test.jsonl.gz"
     with HH.open("rb") as src, gzip.open(path, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    with pytest.raises(ValueError, match=r"\n  line 1: 'chosen' or 'rejected' has nothing after"):
+        dst.write(b'{"chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(ValueError, match=r"\n  line 7: 'chosen' is identical to 'rejected'\n"):
         built(str(path), tokenizer, val_fraction=0)
 
 

@@ -82,8 +82,8 @@ def test_built_in_formats_are_recognised_from_their_columns(tokenizer, row, name
 def test_format_checks_name_the_field(qa):
     """A row's problems come from its format, each naming the field it is about."""
     pair, completion = FORMATS["pair"], FORMATS["completion"]
-    assert pair.problems({"prompt": "a", "chosen": "", "rejected": " b"}, False) == [
-        "'chosen' is empty"
+    assert pair.problems({"prompt": "", "chosen": "", "rejected": " b"}, False) == [
+        "'prompt' is empty"  # an empty answer is a preference ("say nothing"); a prompt is not
     ]
     assert completion.problems({"prompt": USER, "completion": USER}, True) == [
         "'completion' starts with a 'user' message; it should hold only the assistant's answer "
@@ -118,7 +118,8 @@ def test_unrecognised_columns_list_every_registered_format(qa, tokenizer):
     assert str(err.value) == (
         "data: no 'chosen'/'rejected', 'completion' or 'better'/'worse' column; found ['q']. "
         "Rows need prompt/chosen/rejected, chosen/rejected (implicit prompt), prompt/completion "
-        "or question/better/worse"
+        "or question/better/worse, or columns naming yours (e.g. columns: {prompt: question, "
+        "chosen: response_j, rejected: response_k})"
     )
 
 

@@ -2,9 +2,9 @@
 
 Random unicode prompts and completions (emoji, combining marks, zero-width and plain
 whitespace, empty strings) and random length limits go through PreferenceDataModule and its
-DataLoader with the tiny tokenizer. Rows that validation must refuse (a blank field, chosen
-identical to rejected before or after truncation, a repeated prompt) are skipped; on every
-other row of the collated (2B, T) batch:
+DataLoader with the tiny tokenizer. Rows that validation must refuse (a blank prompt, chosen
+identical to rejected before or after truncation, both blank included, a repeated prompt) are
+skipped; a blank answer is EOS alone. On every other row of the collated (2B, T) batch:
 
 - the prompt's tokens (all of them, or their cut when the row is too long) start both rows;
 - labels are IGNORE_INDEX exactly on the prompt and the padding, the input ids elsewhere;
@@ -42,18 +42,16 @@ def rejects(tmp_path_factory):
 
 
 def usable(row: dict[str, str]) -> bool:
-    """What validation must let through: no blank field, completions that differ (they lose
-    trailing whitespace), not both opening with a prompt of three words or more (a repeated
+    """What validation must let through: a prompt that is not blank, completions that differ
+    (they lose trailing whitespace, so two blank ones are the same; one may be blank: "say
+    nothing" preferred), not both opening with a prompt of three words or more (a repeated
     prompt)."""
     prompt = row["prompt"].strip()
     repeated = len(prompt.split()) > 2 and all(
         row[k].lstrip().startswith(prompt) for k in ("chosen", "rejected")
     )
-    return (
-        all(v.strip() for v in row.values())
-        and row["chosen"].rstrip() != row["rejected"].rstrip()
-        and not repeated
-    )
+    different = row["chosen"].rstrip() != row["rejected"].rstrip()
+    return bool(prompt) and different and not repeated
 
 
 def tied(tokenizer, row: dict[str, str], max_length: int, max_prompt_length: int) -> bool:

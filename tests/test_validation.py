@@ -34,6 +34,12 @@ HH = "\n\nHuman: Hi\n\nAssistant:"
 LONG = " the movie was wonderful" * 4  # 37 tokens with BOS
 # UltraFeedback-binarized: a prompt string, whole conversations holding it (more: test_data_faults)
 UF = {"prompt": "Hi", "chosen": USER + PARIS, "rejected": USER + LYON, "score_chosen": 8.0}
+# Pairs under other names, read through `columns` (the schemas: tests/test_data_layouts.py)
+SE = {"qid": 1, "question": "Q?", "date": "2010/09/13", "response_j": "Yes.", "response_k": "No."}
+SE_COLUMNS = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+SHP = {"post_id": "a1", "history": "Q?", "human_ref_A": "Yes.", "human_ref_B": "No.", "labels": 1}
+SHP_COLUMNS = {"prompt": "history", "chosen": "human_ref_A", "rejected": "human_ref_B"}
+SHP_COLUMNS |= {"label": "labels"}
 
 
 def built(dataset, tokenizer, **kwargs):
@@ -70,11 +76,17 @@ BAD_ROWS = {
     "row-without-a-field": BadRow(  # a standard file with an implicit-prompt row in it
         PAIR, {"chosen": "a b", "rejected": "a c"}, "'prompt' is null or missing"
     ),
-    "empty-string": BadRow(PAIR, {**PAIR, "chosen": ""}, "'chosen' is empty"),
-    "whitespace-only": BadRow(PAIR, {**PAIR, "rejected": " \n\t"}, "'rejected' is whitespace only"),
+    # an empty answer is a preference ("say nothing"; tests/test_data_layouts.py), a prompt not
+    "empty-prompt": BadRow(PAIR, {**PAIR, "prompt": ""}, "'prompt' is empty"),
+    "whitespace-only-prompt": BadRow(
+        PAIR, {**PAIR, "prompt": " \n\t"}, "'prompt' is whitespace only"
+    ),
     "not-a-string": BadRow(PAIR, {**PAIR, "chosen": 5}, "'chosen' must be a string, got int"),
     "identical-completions": BadRow(
         PAIR, {**PAIR, "rejected": PAIR["chosen"]}, "'chosen' is identical to 'rejected'"
+    ),
+    "both-answers-empty": BadRow(  # one silence may be preferred, not silence to silence
+        PAIR, {**PAIR, "chosen": "", "rejected": " "}, "'chosen' is identical to 'rejected'"
     ),
     "prompt-repeated-in-text-completions": BadRow(  # prompt + full transcripts
         PAIR,
@@ -125,10 +137,10 @@ BAD_ROWS = {
     "empty-message-list": BadRow(
         CHAT, {**CHAT, "chosen": []}, "'chosen' is an empty list of messages"
     ),
-    "empty-answer": BadRow(
-        CHAT,
-        {**CHAT, "chosen": [{"role": "assistant", "content": " "}]},
-        "'chosen' ends with an empty assistant message",
+    "empty-sft-answer": BadRow(  # in a pair, an empty answer is EOS alone; in SFT, nothing
+        {"prompt": USER, "completion": PARIS},
+        {"prompt": USER, "completion": [{"role": "assistant", "content": " "}]},
+        "'completion' ends with an empty assistant message",
     ),
     "empty-prompt-messages": BadRow(
         CHAT,
@@ -192,6 +204,25 @@ BAD_ROWS = {
         UF,
         {**UF, "prompt": "Hello"},
         "'prompt' is not the last user message that 'chosen' and 'rejected' share",
+    ),
+    # rows under other column names (`columns`): messages name the user's columns
+    "mapped-identical-answers": BadRow(  # StackExchange-paired
+        SE,
+        {**SE, "response_k": SE["response_j"]},
+        "'response_j' is identical to 'response_k'",
+        settings={"columns": SE_COLUMNS},
+    ),
+    "mapped-null-prompt": BadRow(
+        SE,
+        {**SE, "question": None},
+        "'question' is null or missing",
+        settings={"columns": SE_COLUMNS},
+    ),
+    "label-not-0-or-1": BadRow(  # SHP
+        SHP,
+        {**SHP, "labels": 2},
+        "'labels' must be 1 or 0 (or true/false), got 2",
+        settings={"columns": SHP_COLUMNS},
     ),
     # completion (SFT) rows
     "empty-completion": BadRow(
@@ -268,29 +299,29 @@ def test_bad_row_is_skipped_with_its_reason(case, tmp_path):
 def test_error_names_the_first_rows_and_counts_every_problem(tokenizer, tmp_path):
     """Every row is checked: 7 bad rows of 10, the first 5 quoted by line number (blank lines
     count: they are lines of the file, though not rows), all 7 counted by problem."""
-    rows = [PAIR] * 3 + [{**PAIR, "chosen": ""}] * 4 + [{**PAIR, "rejected": PAIR["chosen"]}] * 2
-    rows.append({**PAIR, "prompt": None, "chosen": " "})  # two problems in one row
+    rows = [PAIR] * 3 + [{**PAIR, "prompt": ""}] * 4 + [{**PAIR, "rejected": PAIR["chosen"]}] * 2
+    rows.append({**PAIR, "prompt": None, "rejected": None})  # two problems in one row
     source = tmp_path / "pairs.jsonl"
     source.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError) as raised:
         built(str(source), tokenizer)
     assert str(raised.value).splitlines()[:8] == [
         f"{source}: split 'train': 7 of 10 rows cannot be trained on:",
-        "  line 5: 'chosen' is empty",
-        "  line 6: 'chosen' is empty",
-        "  line 7: 'chosen' is empty",
-        "  line 8: 'chosen' is empty",
+        "  line 5: 'prompt' is empty",
+        "  line 6: 'prompt' is empty",
+        "  line 7: 'prompt' is empty",
+        "  line 8: 'prompt' is empty",
         "  line 9: 'chosen' is identical to 'rejected'",
         "  ... 2 more rows",
-        "  by problem: 4 rows: 'chosen' is empty; 2 rows: 'chosen' is identical to 'rejected'; "
-        "1 row: 'prompt' is null or missing; 1 row: 'chosen' is whitespace only",
+        "  by problem: 4 rows: 'prompt' is empty; 2 rows: 'chosen' is identical to 'rejected'; "
+        "1 row: 'prompt' is null or missing; 1 row: 'rejected' is null or missing",
     ]
 
 
 def test_skip_writes_rejects_beside_the_run_and_logs_a_summary(tokenizer, tmp_path, caplog):
     """Without rejects_path the file goes to the Trainer's log_dir; the summary is logged and
     kept in `stats`; the data of each skipped row is written as it was read."""
-    bad = {**PAIR, "chosen": "", "score": 3}
+    bad = {**PAIR, "prompt": "", "score": 3}
     rows = [{**PAIR, "score": 1}] * 4 + [bad, {**PAIR, "prompt": None, "score": 2}]
     source = write_jsonl(tmp_path / "pairs.jsonl", rows)
     dm = PreferenceDataModule(source, tokenizer, val_fraction=0, on_bad_rows="skip")
@@ -302,7 +333,7 @@ def test_skip_writes_rejects_beside_the_run_and_logs_a_summary(tokenizer, tmp_pa
     rejects = tmp_path / "run" / "rejects.jsonl"
     assert "train: 6 rows, 2 skipped, 0 prompts truncated" in caplog.text
     assert (
-        f"train: skipped 1 row: 'chosen' is empty; 1 row: 'prompt' is null or missing; "
+        f"train: skipped 1 row: 'prompt' is empty; 1 row: 'prompt' is null or missing; "
         f"each skipped row is in {rejects} with its reasons"
     ) in caplog.text
     assert dm.stats["train"]["rows"] == 6 and dm.stats["train"]["skipped"] == 2
@@ -311,7 +342,7 @@ def test_skip_writes_rejects_beside_the_run_and_logs_a_summary(tokenizer, tmp_pa
         "split": "train",
         "row": 5,
         "where": "line 5",
-        "problems": ["'chosen' is empty"],
+        "problems": ["'prompt' is empty"],
         "data": bad,
     }
     assert second["row"] == 6 and second["data"]["prompt"] is None
@@ -320,7 +351,7 @@ def test_skip_writes_rejects_beside_the_run_and_logs_a_summary(tokenizer, tmp_pa
 def test_skip_counts_reach_the_experiment_logger(tokenizer, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    rows = [PAIR] * 4 + [{**PAIR, "chosen": ""}]
+    rows = [PAIR] * 4 + [{**PAIR, "prompt": ""}]
     source = write_jsonl(tmp_path / "pairs.jsonl", rows)
     dm = PreferenceDataModule(source, tokenizer, val_fraction=0, on_bad_rows="skip")
     dm.trainer = L.Trainer(logger=CSVLogger(tmp_path), accelerator="cpu")
@@ -332,7 +363,7 @@ def test_skip_counts_reach_the_experiment_logger(tokenizer, tmp_path):
 
 def test_rejects_default_to_the_working_directory(tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rows = [PAIR, {**PAIR, "chosen": ""}]
+    rows = [PAIR, {**PAIR, "prompt": ""}]
     built(datasets.Dataset.from_list(rows), tokenizer, val_fraction=0, on_bad_rows="skip")
     (reject,) = map(json.loads, (tmp_path / "rejects.jsonl").read_text().splitlines())
     assert reject["where"] == "row 2"  # not a file: rows counted from 1
@@ -340,8 +371,8 @@ def test_rejects_default_to_the_working_directory(tokenizer, tmp_path, monkeypat
 
 def test_bad_rows_in_several_files_name_the_file(tokenizer, tmp_path):
     write_jsonl(tmp_path / "train-0.jsonl", [PAIR, PAIR])
-    write_jsonl(tmp_path / "train-1.jsonl", [PAIR, {**PAIR, "chosen": ""}])
-    with pytest.raises(ValueError, match=r"\n  train-1\.jsonl line 2: 'chosen' is empty\n"):
+    write_jsonl(tmp_path / "train-1.jsonl", [PAIR, {**PAIR, "prompt": ""}])
+    with pytest.raises(ValueError, match=r"\n  train-1\.jsonl line 2: 'prompt' is empty\n"):
         built(str(tmp_path), tokenizer)
 
 
@@ -448,7 +479,7 @@ BAD_SOURCES = {
         lambda tmp: write_jsonl(tmp / "p.jsonl", [{"instruction": "a", "completion": "b"}]),
         ValueError,
         "missing column 'prompt'; found ['instruction', 'completion'] ('instruction' looks like "
-        "the prompt: rename it to 'prompt')",
+        "the prompt: rename it to 'prompt', or set columns: {prompt: instruction})",
     ),
     "unpaired-kto-rows": (
         lambda tmp: datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "label": True}]),
@@ -462,7 +493,9 @@ BAD_SOURCES = {
         lambda tmp: write_jsonl(tmp / "p.jsonl", [{"question": "a", "answer": "b"}]),
         ValueError,
         "no 'chosen'/'rejected' or 'completion' column; found ['question', 'answer']. Rows need "
-        "prompt/chosen/rejected, chosen/rejected (implicit prompt) or prompt/completion",
+        "prompt/chosen/rejected, chosen/rejected (implicit prompt) or prompt/completion, or "
+        "columns naming yours (e.g. columns: {prompt: question, chosen: response_j, rejected: "
+        "response_k})",
     ),
     "empty-split": (
         lambda tmp: datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}),
@@ -523,6 +556,45 @@ BAD_SOURCES = {
         ValueError,
         "p.parquet: could not be loaded:",
     ),
+    # (source, settings): the data layout settings
+    "mapped-column-not-there": (
+        lambda tmp: (
+            datasets.Dataset.from_list([SE]),
+            {"columns": {**SE_COLUMNS, "prompt": "title"}},
+        ),
+        ValueError,
+        "in-memory dataset: split 'train': columns maps 'prompt' to 'title': no such column; "
+        "found ['qid', 'question', 'date', 'response_j', 'response_k']",
+    ),
+    "label-on-unpaired-rows": (
+        lambda tmp: (
+            datasets.Dataset.from_list([{"prompt": "a", "completion": "b", "ok": 1}]),
+            {"columns": {"label": "ok"}},
+        ),
+        ValueError,
+        "columns: 'label' ('ok') says which of two answers is better, but the split holds "
+        "prompt/completion rows",
+    ),
+    "data-files-not-there": (
+        lambda tmp: (str(tmp), {"data_files": {"train": "nope.jsonl"}}),
+        FileNotFoundError,
+        "data_files: dataset file or directory not found:",
+    ),
+    "data-files-of-a-file": (
+        lambda tmp: (write_jsonl(tmp / "p.jsonl", [PAIR]), {"data_files": "p.jsonl"}),
+        ValueError,
+        "data_files picks files of a directory or Hub dataset, not of a file",
+    ),
+    "revision-of-local-data": (
+        lambda tmp: (write_jsonl(tmp / "p.jsonl", [PAIR]), {"revision": "v1.0"}),
+        ValueError,
+        "revision='v1.0' picks a version of a Hub dataset;",
+    ),
+    "data-files-of-rows-in-memory": (
+        lambda tmp: (datasets.Dataset.from_list([PAIR]), {"data_files": "p.jsonl"}),
+        ValueError,
+        "revision and data_files apply to a Hub dataset or to files, not to rows in memory",
+    ),
     "too-few-rows-to-hold-out-validation": (
         lambda tmp: datasets.Dataset.from_list([PAIR]),
         ValueError,
@@ -534,8 +606,10 @@ BAD_SOURCES = {
 
 @pytest.mark.parametrize(("make", "error", "message"), BAD_SOURCES.values(), ids=BAD_SOURCES.keys())
 def test_bad_source(make, error, message, tokenizer, tmp_path):
+    source = make(tmp_path)
+    source, settings = source if isinstance(source, tuple) else (source, {})
     with pytest.raises(error) as raised:
-        built(make(tmp_path), tokenizer)
+        built(source, tokenizer, **settings)
     assert message in str(raised.value)
 
 
@@ -556,7 +630,7 @@ def test_invalid_json_names_the_file_and_every_bad_line(tokenizer, tmp_path):
 
 
 def test_all_rows_bad_under_skip_is_still_an_error(tokenizer, tmp_path):
-    rows = [{**PAIR, "chosen": ""}, {**PAIR, "rejected": None}]
+    rows = [{**PAIR, "prompt": ""}, {**PAIR, "rejected": None}]
     with pytest.raises(
         ValueError, match=r"2 of 2 rows cannot be trained on:(.|\n)*\nno rows left to train on$"
     ):
@@ -660,6 +734,19 @@ BAD_SETTINGS = {
         lambda: PreferenceDataModule("x.jsonl", truncation_mode="middle"),
         "truncation_mode must be keep_end or keep_start, got 'middle'",
     ),
+    "columns-with-an-unknown-field": (
+        lambda: PreferenceDataModule("x.jsonl", columns={"answer": "response"}),
+        "columns: unknown field 'answer'; map the row formats' fields",
+    ),
+    "columns-mapping-two-fields-to-one-column": (
+        lambda: PreferenceDataModule("x.jsonl", columns={"chosen": "text", "rejected": "text"}),
+        "columns: ['text'] mapped to more than one field",
+    ),
+    "chat-template-neither-jinja-nor-a-file": (
+        lambda: PreferenceDataModule("x.jsonl", chat_template="templates/chatml.jinja"),
+        "chat_template: 'templates/chatml.jinja' is neither a Jinja template (no '{{' or '{%') "
+        "nor a file",
+    ),
     # DPOModule loads nothing in __init__, so its checks run without a model
     "negative-beta": (lambda: DPOModule("unused", beta=-0.1), "beta must be positive, got -0.1"),
     "label-smoothing-out-of-range": (
@@ -690,7 +777,8 @@ BAD_SETTINGS = {
     ),
     "adapter-reference-without-lora": (
         lambda: DPOModule("unused", reference="adapter"),
-        "reference='adapter' needs lora: the reference is the policy with its adapters disabled",
+        "reference='adapter' needs lora (or a PeftModel policy): the reference is the policy "
+        "with its adapters disabled",
     ),
     "reference-free-with-a-reference-strategy": (
         lambda: DPOModule("unused", reference="precomputed", reference_free=True),

@@ -8,13 +8,16 @@ file, each importing only the ones before it:
 - `values`: what one field may hold (text, or {role, content} messages);
 - `formats`: the row formats (pair, conversation, implicit prompt, completion), one class each,
   and their registry: `register_format` adds one;
+- `columns`: a format read under the user's column names (`columns`), which-is-better labels;
 - `validation`: the bad-row policy (`on_bad_rows`) and the rejects file;
 - `tokenize`: rows -> token ids (chat template, BOS once, EOS once, truncation);
+- `prepare`: one split from rows to tokens, with its counts;
 - `collate`: batches, packing, length-grouped sampling;
 - `module`: `PreferenceDataModule`, all of the above for a Trainer.
 """
 
 from lit_dpo.data.collate import LengthGroupedSampler, collate_pairs, collate_sequences
+from lit_dpo.data.columns import Mapped
 from lit_dpo.data.files import file_problem, row_labels
 from lit_dpo.data.formats import (
     FORMATS,
@@ -26,7 +29,7 @@ from lit_dpo.data.formats import (
     split_text_prompt,
 )
 from lit_dpo.data.module import PreferenceDataModule
-from lit_dpo.data.sources import load_splits
+from lit_dpo.data.sources import load_splits, resolve_splits
 from lit_dpo.data.tokenize import (
     ID_COLUMNS,
     RowProblem,
@@ -48,6 +51,7 @@ __all__ = [
     "ROLES",
     "Format",
     "LengthGroupedSampler",
+    "Mapped",
     "PreferenceDataModule",
     "RowProblem",
     "collate_pairs",
@@ -64,6 +68,7 @@ __all__ = [
     "register_format",
     "render",
     "render_chat",
+    "resolve_splits",
     "row_labels",
     "split_message_prompt",
     "split_text_prompt",

@@ -9,30 +9,54 @@ nothing from it.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import gzip
+import importlib.util
 import io
 import json
+import lzma
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 SHOWN = 5  # bad rows (or lines) quoted one by one in an error; the rest are only counted
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-COMPRESSED = ".gz"  # "pairs.jsonl.gz": read through gzip (Anthropic-HH is published so)
+# Compressed JSON, JSON Lines and CSV files ("pairs.jsonl.gz", as Anthropic-HH is published;
+# PKU-SafeRLHF's first release was .jsonl.xz), read as `datasets` reads them: suffix -> opener.
+COMPRESSED = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+    ".zst": lambda path: io.BufferedReader(_zstandard().open(path, "rb")),  # lines, as others
+}
 
 
 def data_suffix(path: str | Path) -> str | None:
     """The suffix naming a file's format (".jsonl" also for "x.jsonl.gz"); None if unread."""
     suffixes = Path(path).suffixes[-2:]
-    if suffixes[-1:] == [COMPRESSED] and suffixes[0] != ".parquet":
+    if suffixes[-1:] and suffixes[-1] in COMPRESSED and suffixes[0] != ".parquet":
         suffixes = suffixes[:1]
     return suffixes[-1] if suffixes and suffixes[-1] in BUILDERS else None
 
 
 def open_bytes(path: str | Path) -> IO[bytes]:
-    return gzip.open(path) if str(path).endswith(COMPRESSED) else open(path, "rb")
+    opener = COMPRESSED.get(Path(path).suffix, open)
+    return opener(path, "rb") if opener is open else opener(path)
+
+
+def codec_problem(path: str | Path) -> str | None:
+    """Why a compressed file cannot be read here (its codec's package is missing); else None."""
+    if Path(path).suffix == ".zst" and importlib.util.find_spec("zstandard") is None:
+        return f"{path}: reading .zst files needs the zstandard package: pip install zstandard"
+    return None
+
+
+def _zstandard():
+    import zstandard  # optional: only .zst files need it (see `codec_problem`)
+
+    return zstandard
 
 
 def is_json_array(path: str | Path) -> bool:
@@ -211,6 +235,8 @@ def row_labels(sources: list[str], indices: Iterable[int]) -> dict[int, str]:
     row starts on), prefixed by the file's name when the split has several; else "row N",
     counting from 1."""
     wanted = set(indices)
+    if not wanted:  # nothing to name: do not read the files again
+        return {}
     if not all(data_suffix(s) in (".json", ".jsonl") and Path(s).is_file() for s in sources):
         return {i: f"row {i + 1}" for i in wanted}
     labels, row = {}, 0

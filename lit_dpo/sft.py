@@ -15,8 +15,8 @@ class SFTModule(PolicyModule):
     def __init__(self, *args, **kwargs):
         """Supervised fine-tuning of a causal LM on the completion tokens of collated batches.
 
-        Takes the arguments of `PolicyModule` (the model's path, optimizer, scheduler, LoRA,
-        precision and memory settings).
+        Takes the arguments of `PolicyModule` (the model's path or model object, optimizer,
+        scheduler, LoRA, precision and memory settings).
 
         It consumes PreferenceDataModule batches (2B, T) and trains on rows 0..B-1 only, the
         chosen completions (for `prompt`/`completion` rows chosen = rejected = completion), cut

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_dpo.hub import resolve
+from lit_dpo.hub import module_fingerprint, resolve
 from lit_dpo.logps import SequenceLogps, sequence_logps
 from lit_dpo.utils import eval_mode
 
@@ -66,9 +66,10 @@ def load_or_compute(
     return table
 
 
-def cache_key(source: str, settings: dict, datasets: dict) -> str:
-    """Hash of the reference model's files (`source`), the `settings` its numbers depend on
-    (dtype, attention, precision) and each split's `datasets` fingerprint."""
+def cache_key(source: str | nn.Module, settings: dict, datasets: dict) -> str:
+    """Hash of the reference model's files (`source`; a model object: its weights), the
+    `settings` its numbers depend on (dtype, attention, revision, precision) and each split's
+    `datasets` fingerprint."""
     parts = {
         "model": model_fingerprint(source),
         **settings,
@@ -78,9 +79,12 @@ def cache_key(source: str, settings: dict, datasets: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def model_fingerprint(name_or_path: str) -> str | list:
+def model_fingerprint(name_or_path: str | nn.Module) -> str | list:
     """A local model by its files' names, sizes and modification times (cheap at any size); a
-    Hub id by its name (pin a revision by downloading it to a directory)."""
+    Hub id by its name (its revision is among the settings); a model object by its weights in
+    memory (`module_fingerprint`)."""
+    if isinstance(name_or_path, nn.Module):
+        return module_fingerprint(name_or_path)
     path = Path(resolve(name_or_path))
     if not path.exists():
         return name_or_path

@@ -23,12 +23,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lit_dpo.hub import cache_dir
+from lit_dpo.hub import cache_dir, describe
 from lit_dpo.logps import SequenceLogps, sequence_logps
 from lit_dpo.reference import cache
 from lit_dpo.utils import STAGE_SPLITS
 
-Loader = Callable[[str], nn.Module]  # a model path -> the model, loaded like the policy
+# A reference source (name, path or model object) -> the model: loaded like the policy, an
+# object as it is.
+Loader = Callable[[str | nn.Module], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,19 @@ class ReferenceSettings:
 
     Args:
         name: the strategy's registry name, for messages.
-        path: `ref_model_name_or_path`: a separate reference model, or None.
-        policy_path: the policy's `model_name_or_path`.
-        lora: whether the policy trains LoRA adapters.
+        path: `ref_model_name_or_path`: a separate reference model (a name, a path or a model
+            object), or None.
+        policy_path: the policy's `model_name_or_path` (a name, a path or a model object).
+        lora: whether the policy has adapters (`lora`, or a `PeftModel` given).
         cache_dir: where precomputed log-probs are kept (None: `<LIT_DPO_CACHE>/reference`).
         chunk_size: `logps_chunk_size`.
-        load_settings: the load settings the numbers depend on (dtype, attention).
+        load_settings: the load settings the numbers depend on (dtype, attention; revision
+            when set).
     """
 
     name: str
-    path: str | None = None
-    policy_path: str = ""
+    path: str | nn.Module | None = None
+    policy_path: str | nn.Module = ""
     lora: bool = False
     cache_dir: str | None = None
     chunk_size: int | None = None
@@ -64,9 +68,9 @@ class Reference:
     def __init__(self, settings: ReferenceSettings):
         self.settings = settings
         self.model: nn.Module | None = None
-        if self.takes_path is not None and self.takes_path != bool(settings.path):
+        if self.takes_path is not None and self.takes_path != (settings.path is not None):
             raise ValueError(
-                f"reference={settings.name!r} and ref_model_name_or_path={settings.path!r}: "
+                f"reference={settings.name!r} and ref_model_name_or_path={name(settings.path)}: "
                 "a separate reference needs the path; copy and adapter take none"
             )
 
@@ -105,6 +109,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
+def name(source: str | nn.Module | None) -> str:
+    """A reference source as messages name it: a path quoted, a model object described."""
+    return describe(source) if isinstance(source, nn.Module) else repr(source)
+
+
 @register("none")
 class NoReference(Reference):
     """Reference-free: log pi_ref = 0 (a uniform reference); nothing is built."""
@@ -112,7 +121,7 @@ class NoReference(Reference):
     uniform = True
 
     def __init__(self, settings: ReferenceSettings):
-        if settings.path:
+        if settings.path is not None:
             raise ValueError("reference_free builds no reference: unset ref_model_name_or_path")
         super().__init__(settings)
 
@@ -124,7 +133,8 @@ class NoReference(Reference):
 
 @register("copy")
 class CopyReference(Reference):
-    """A frozen copy of the policy's initial weights, made in memory."""
+    """A frozen copy of the policy's initial weights, made in memory (the one copy made: a policy
+    given as an object trains in place)."""
 
     def build(self, policy, load, place):
         self.model = place(freeze(copy.deepcopy(policy)))
@@ -137,7 +147,8 @@ class CopyReference(Reference):
 
 @register("separate")
 class SeparateReference(CopyReference):
-    """The model at `ref_model_name_or_path` (e.g. the SFT checkpoint), frozen."""
+    """The model at `ref_model_name_or_path` (e.g. the SFT checkpoint), frozen; a model object
+    given there is frozen in place, not copied."""
 
     takes_path = True
 
@@ -152,8 +163,8 @@ class AdapterReference(Reference):
 
     def __init__(self, settings: ReferenceSettings):
         if not settings.lora:
-            raise ValueError("reference='adapter' needs lora: the reference is the policy with "
-                             "its adapters disabled")  # fmt: skip
+            raise ValueError("reference='adapter' needs lora (or a PeftModel policy): the "
+                             "reference is the policy with its adapters disabled")  # fmt: skip
         super().__init__(settings)
 
     @torch.no_grad()
@@ -184,10 +195,11 @@ class PrecomputedReference(Reference):
         datasets = {s: d for s, d in splits.items() if d is not None}
         s = self.settings
         settings = s.load_settings | {"precision": str(trainer.precision)}
-        key = cache.cache_key(s.path or s.policy_path, settings, datasets)
+        source = s.path if s.path is not None else s.policy_path
+        key = cache.cache_key(source, settings, datasets)
         root = Path(s.cache_dir) if s.cache_dir else cache_dir() / "reference"
         self.table = cache.load_or_compute(
-            lambda: load(s.path) if s.path else policy,  # a separate model: for this pass only
+            lambda: load(s.path) if s.path is not None else policy,  # a separate model: this pass
             datasets,
             dm.collate,
             trainer.strategy,

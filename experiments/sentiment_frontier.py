@@ -41,7 +41,7 @@ from experiments import sentiment  # noqa: E402
 from lit_dpo.data import PreferenceDataModule  # noqa: E402
 from lit_dpo.module import DPOModule, LinearWarmup, PaperRMSprop  # noqa: E402
 from lit_dpo.sft import SFTModule  # noqa: E402
-from lit_dpo.utils import atomic_write  # noqa: E402
+from lit_dpo.utils import atomic_write, finite_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -69,14 +69,14 @@ def save_point(name: str, method: str, param: str, step: int, result: dict, seco
         "param": param,
         "step": step,
         "kl": result["kl"],
-        "kl_se": result.get("kl_se", float("nan")),
+        "kl_se": result.get("kl_se"),  # None (null) where there is none, as for best-of-N
         "reward": result["reward"],
-        "reward_se": result.get("reward_se", float("nan")),
-        "tokens": result.get("tokens", float("nan")),
+        "reward_se": result.get("reward_se"),
+        "tokens": result.get("tokens"),
         "eval_seconds": round(seconds, 1),
     }
     atomic_write(
-        point_path(name), json.dumps(row | {"samples": result.get("samples")}, indent=1) + "\n"
+        point_path(name), finite_json(row | {"samples": result.get("samples")}, indent=1) + "\n"
     )
     print(f"[{time.strftime('%H:%M:%S')}] {name}: KL {row['kl']:.3f} reward {row['reward']:+.3f}")
 
@@ -173,6 +173,11 @@ def run_training(kind, beta, prompts, tokenizer, reference):
     print(f"{name}: {time.perf_counter() - start:.0f} s in all")
 
 
+def error_bar(se: float | None) -> float:
+    """A standard error, 0 where there is none (null; NaN in points written before)."""
+    return 0.0 if se is None or se != se else se
+
+
 FIELDS = ["point", "method", "param", "step", "kl", "kl_se", "reward", "reward_se", "tokens"]
 
 
@@ -200,8 +205,8 @@ def write_table_and_plot() -> list[dict]:
     for (method, param), pts in groups.items():
         pts.sort(key=lambda r: r["kl"])
         label = f"{method} {param}".strip()
-        xerr = [r["kl_se"] if r["kl_se"] == r["kl_se"] else 0 for r in pts]  # NaN -> 0
-        yerr = [r["reward_se"] if r["reward_se"] == r["reward_se"] else 0 for r in pts]
+        xerr = [error_bar(r["kl_se"]) for r in pts]
+        yerr = [error_bar(r["reward_se"]) for r in pts]
         ax.errorbar(
             [r["kl"] for r in pts],
             [r["reward"] for r in pts],

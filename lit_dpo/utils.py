@@ -6,6 +6,8 @@ The ground floor: imports nothing from lit_dpo, so any module may import it.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,6 +52,23 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
+
+
+def finite_json(value, **kwargs) -> str:
+    """`json.dumps` that always writes JSON: a non-finite float (NaN, inf), at any depth, is
+    written `null`. Python's own `json` writes `NaN` and `Infinity`, which are not JSON (RFC
+    8259): JavaScript's JSON.parse and most parsers outside Python refuse the whole file."""
+
+    def finite(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:

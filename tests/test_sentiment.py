@@ -289,11 +289,27 @@ def test_heldout_prompts_are_the_test_split():
     assert not set(prompts) & train
 
 
+def fit_with(callback, module, data, tmp_path, steps):
+    """A CPU fit of `steps` steps with `callback`, logged to CSV under `tmp_path`."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
 def test_sentiment_eval_callback(tiny_model_dir, tiny_ref_dir, tokenizer, tmp_path, capsys):
     """A 2-step DPO fit with the callback: the table is printed, the numbers are logged and
     written, and the pair accuracy equals an independent full-logits count."""
-    import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
     from test_module import seq_logps
 
     from lit_dpo.data import PreferenceDataModule
@@ -308,16 +324,7 @@ def test_sentiment_eval_callback(tiny_model_dir, tiny_ref_dir, tokenizer, tmp_pa
     data = PreferenceDataModule(str(data_dir), tokenizer=tokenizer, batch_size=2)
     module = DPOModule(tiny_model_dir, ref_model_name_or_path=tiny_ref_dir)
     callback = sentiment.SentimentEval(n_samples=2, max_new_tokens=4, batch_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    trainer.fit(module, data)
+    trainer = fit_with(callback, module, data, tmp_path, steps=2)
     r = callback.results
     assert r["prompts"] == 2 and r["samples_per_prompt"] == 2 and r["pairs"] == 4
     assert {"policy_reward", "reference_reward", "kl", "pair_accuracy", "seconds"} <= set(r)
@@ -333,3 +340,40 @@ def test_sentiment_eval_callback(tiny_model_dir, tiny_ref_dir, tokenizer, tmp_pa
         margins += (s[: len(s) // 2] - s[len(s) // 2 :]).tolist()
     expected = sum((m > 0) + 0.5 * (m == 0) for m in margins) / len(margins)
     assert r["pair_accuracy"] == pytest.approx(expected)
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as parsers outside Python do."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_sentiment_eval_json_is_strict_json_with_one_prompt(
+    tiny_model_dir, tokenizer, tmp_path, capsys
+):
+    """One held-out prompt has no standard error over prompts: written null (Python's json
+    would write NaN, which is not JSON), printed without +-, and not logged."""
+    from lit_dpo.data import PreferenceDataModule
+    from lit_dpo.module import DPOModule
+    from lit_dpo.utils import finite_json
+
+    assert finite_json({"a": [float("nan"), -float("inf"), 1.5]}) == '{"a": [null, null, 1.5]}'
+    data_dir = tmp_path / "pairs"
+    data_dir.mkdir()
+    rows = make_pairs("Review the film.", ["a delight", "boring", "great music!"], [0.5, -0.4, 0.6])
+    for split in ("train", "test"):
+        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callback = sentiment.SentimentEval(n_samples=2, max_new_tokens=4, pair_accuracy=False)
+    data = PreferenceDataModule(str(data_dir), tokenizer=tokenizer, batch_size=2)
+    trainer = fit_with(callback, DPOModule(tiny_model_dir), data, tmp_path, steps=1)
+    written = strict_json((Path(trainer.log_dir) / "sentiment_eval.json").read_text())
+    assert written["prompts"] == 1 and written == callback.results
+    assert written["kl_se"] is None and written["policy_reward_se"] is None
+    assert written["reference_reward_se"] is None and isinstance(written["kl"], float)
+    printed = capsys.readouterr().out
+    assert "mean reward, policy" in printed and "+-" not in printed.split("policy", 1)[1]
+    header = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "eval/kl" in header and "eval/kl_se" not in header

@@ -1,10 +1,9 @@
 """`python -m experiments.sentiment --out_dir data/sentiment --n_prompts 200 --seed 0`: build the
 preference pairs (see `experiments.sentiment.pairs.build_pairs`, whose docstring is `--help`)."""
 
-import json
-
 from jsonargparse import CLI
 
 from experiments.sentiment.pairs import build_pairs
+from lit_dpo.utils import finite_json
 
-print(json.dumps(CLI(build_pairs, prog="python -m experiments.sentiment")))
+print(finite_json(CLI(build_pairs, prog="python -m experiments.sentiment")))

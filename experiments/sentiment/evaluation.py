@@ -14,7 +14,14 @@ from lightning.pytorch.callbacks import Callback
 
 from experiments.sentiment.pairs import score
 from lit_dpo.generation import Sampling, by_prompt, decode, generate
-from lit_dpo.utils import atomic_write, eval_mode, model_device, pad_token_id, pairwise_accuracy
+from lit_dpo.utils import (
+    atomic_write,
+    eval_mode,
+    finite_json,
+    model_device,
+    pad_token_id,
+    pairwise_accuracy,
+)
 
 
 def heldout_prompts(path: str | Path = "data/sentiment/test.jsonl") -> list[str]:
@@ -63,8 +70,8 @@ def evaluate(
     the KL is 0 and not computed.
 
     Returns `reward`, `kl` (means over all samples), their standard errors `reward_se`, `kl_se`
-    over prompts, `tokens` (mean completion length), and the `samples`, `scores` and
-    `log_ratios` per prompt (lists of `n_samples`).
+    over prompts (None for a single prompt), `tokens` (mean completion length), and the
+    `samples`, `scores` and `log_ratios` per prompt (lists of `n_samples`).
     """
     from lit_dpo.reward import log_ratios
 
@@ -78,9 +85,9 @@ def evaluate(
         pad = pad_token_id(tokenizer)
         ratios = log_ratios(policy, reference, prompt_ids, completion_ids, pad).tolist()
 
-    def se(values: list[float]) -> float:  # standard error of the mean over prompts
+    def se(values: list[float]) -> float | None:  # standard error of the mean over prompts
         means = [statistics.fmean(v) for v in by_prompt(values, n_samples)]
-        return statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1 else float("nan")
+        return statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1 else None
 
     return {
         "reward": statistics.fmean(scores),
@@ -136,19 +143,18 @@ class SentimentEval(Callback):
         self.seed = seed
         self.pair_accuracy = pair_accuracy
         self.limit_pairs = limit_pairs
-        self.results: dict[str, float] = {}
+        self.results: dict[str, float | None] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.results = self.run(trainer, pl_module)
             if trainer.logger is not None:
-                trainer.logger.log_metrics(
-                    {f"eval/{k}": v for k, v in self.results.items()}, step=trainer.global_step
-                )
+                numbers = {f"eval/{k}": v for k, v in self.results.items() if v is not None}
+                trainer.logger.log_metrics(numbers, step=trainer.global_step)
                 trainer.logger.save()
             print(self.table(self.results))
             out = Path(trainer.log_dir or trainer.default_root_dir) / "sentiment_eval.json"
-            atomic_write(out, json.dumps(self.results, indent=2) + "\n")
+            atomic_write(out, finite_json(self.results, indent=2) + "\n")  # no NaN: not JSON
         trainer.strategy.barrier()
 
     def run(self, trainer, pl_module) -> dict[str, float]:

@@ -11,7 +11,6 @@ two reviews of one prompt whose scores differ become a (chosen, rejected) pair.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import statistics
 import textwrap
@@ -22,7 +21,7 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 
 from lit_dpo.generation import Sampling, sample
-from lit_dpo.utils import atomic_write
+from lit_dpo.utils import atomic_write, finite_json
 
 # Every word below scores 0 in VADER's lexicon (tests/test_sentiment.py checks the prompts), so
 # the prompt itself pushes no review up or down: sentiment comes from the model alone. That rules
@@ -179,7 +178,7 @@ def build_pairs(
             for pair in make_pairs(p, s, score(s), min_gap)
         ]
         atomic_write(
-            out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            out / f"{split}.jsonl", "".join(finite_json(r, ensure_ascii=False) + "\n" for r in rows)
         )
         stats[split] = _stats(rows, hi - lo)
 

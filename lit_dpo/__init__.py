@@ -30,6 +30,7 @@ _PUBLIC = {
     "export_policy": "lit_dpo.export",
     "export_checkpoint": "lit_dpo.export",
     "HFExport": "lit_dpo.export",
+    "SampleReplies": "lit_dpo.samples",
 }
 __all__ = sorted(_PUBLIC)
 

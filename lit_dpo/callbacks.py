@@ -1,5 +1,6 @@
 """What the `lit-dpo` command always adds to a run: a checkpoint when the run is stopped (Ctrl-C,
-SIGTERM) and checkpoint files that are whole or absent."""
+SIGTERM), checkpoint files that are whole or absent, and a terminal that shows the run (a progress
+bar in steps, a short model summary)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -146,3 +148,117 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# The progress bar's short names for the last part of a metric's name (`train/rewards/margins`),
+# shown in this order before any other.
+SHORT_NAMES = {"loss": "loss", "accuracies": "acc", "margins": "margin"}
+
+
+def short_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`{"train/loss": .., "train/rewards/margins": ..}` -> `{"loss": .., "margin": ..}`: the
+    last part of each name, shortened by SHORT_NAMES (and shown in its order); a name two
+    metrics would share stays whole."""
+    short = {key: key.rsplit("/", 1)[-1] for key in metrics}
+    order = {name: i for i, name in enumerate(SHORT_NAMES)}
+    keys = sorted(metrics, key=lambda k: order.get(short[k], len(order)))  # stable
+    taken = [SHORT_NAMES.get(name, name) for name in short.values()]
+    out = {}
+    for key in keys:
+        name = SHORT_NAMES.get(short[key], short[key])
+        out[name if taken.count(name) == 1 else key] = metrics[key]
+    return out
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, for runs counted in steps, within 80 columns.
+
+    With `max_steps` set, one bar spans the run: `step N/max_steps` (optimizer steps: a resumed run
+    starts where it stopped), not the batches of an epoch that never ends. The training metrics
+    are shown under short names (`loss`, `acc`, `margin`); after each validation one line of its
+    metrics (`step 50: val loss 0.612, acc 0.683, margin 0.214`) stays above the bar. Without
+    `max_steps`, the bar counts each epoch's batches, as Lightning's does.
+    """
+
+    STEP_FORMAT = "step {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining}{postfix}"
+
+    def _by_step(self, trainer: L.Trainer) -> bool:
+        return trainer.max_steps > 0
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        if self._by_step(self.trainer):  # once per fit: the bar goes on across epochs
+            bar.bar_format = self.STEP_FORMAT
+            bar.reset(total=self.trainer.max_steps)
+            bar.initial = bar.n = self.trainer.global_step  # resumed: the rate counts from here
+        return bar
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._by_step(trainer):
+            super().on_train_epoch_start(trainer, *args)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not self._by_step(trainer):  # else the one bar stays open (even with `leave`)
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._by_step(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.n != step and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.is_disabled:
+            return
+        val = {k: v for k, v in trainer.progress_bar_metrics.items() if k.startswith("val/")}
+        if val:
+            values = ", ".join(f"{k} {v:.3f}" for k, v in short_names(val).items())
+            self.train_progress_bar.write(f"step {trainer.global_step}: val {values}")
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict[str, Any]:
+        # Validation and test numbers have their own line; `v_num` is in the log directory's name.
+        metrics = super().get_metrics(trainer, pl_module)
+        drop = ("v_num", "val/", "test/")
+        return short_names({k: v for k, v in metrics.items() if not k.startswith(drop)})
+
+
+class ParamSummary(ModelSummary):
+    """Lightning's model summary, short: one row per top-level module (name, type, parameters,
+    train or eval mode) and the totals, without the FLOPs (0 for a model Lightning does not trace)
+    or the count of modules in each mode."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+
+        columns = [(name, values) for name, values in summary_data if name in _SUMMARY_COLUMNS]
+        widths = [max(map(len, [name, *values])) for name, values in columns]
+        rows = zip(*(values for _, values in columns), strict=True)
+        lines = [
+            " | ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in [[name for name, _ in columns], *rows]
+        ]
+        count = get_human_readable_count
+        frozen = total_parameters - trainable_parameters
+        lines.append(
+            f"{count(trainable_parameters)} trainable, {count(frozen)} frozen parameters "
+            f"({get_formatted_model_size(model_size)} MB)"
+        )
+        rank_zero_info("\n".join(lines))
+
+
+_SUMMARY_COLUMNS = (" ", "Name", "Type", "Params", "Mode")

@@ -3,7 +3,13 @@
 lit-dpo fit --config configs/sentiment-smollm2.yaml
 lit-dpo fit --config configs/tiny.yaml --model.beta 0.5 --print_config
 lit-dpo fit --config configs/tiny.yaml --ckpt_path last   # after a preemption: resume
+lit-dpo validate --config configs/tiny.yaml --ckpt_path last \
+    --trainer.callbacks+=lit_dpo.samples.SampleReplies --trainer.callbacks.prompts prompts.txt
 lit-dpo export --ckpt_path runs/x/checkpoints/last.ckpt --output_dir runs/x/hf
+
+Subcommands: fit, validate, test (Lightning's) and export (a tool); Lightning's `predict` is left
+out: DPO has no batch prediction, and replies to prompts are what SampleReplies writes, in
+`validate` as in `fit`.
 
 Each run writes into a `lightning_logs/version_N` of its own, even when several start at once
 into one `default_root_dir`; `--ckpt_path last` resumes from the newest checkpoint of those runs.
@@ -11,38 +17,104 @@ into one `default_root_dir`; `--ckpt_path last` resumes from the newest checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 import lightning as L
-from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ArgumentError, ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_dpo.callbacks import AtomicCheckpointIO, CheckpointWriteError, InterruptCheckpoint
+from lit_dpo.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    InterruptCheckpoint,
+    ParamSummary,
+    StepProgressBar,
+)
 from lit_dpo.data import PreferenceDataModule
 from lit_dpo.export import HFExport, check_sharded, export_checkpoint
 from lit_dpo.module import DPOModule
 
 # A parse error raises (one line in main) instead of printing the whole usage and exiting.
-_PARSER_KWARGS = {"exit_on_error": False} | {
-    cmd: {"exit_on_error": False} for cmd in ("fit", "validate", "test", "predict")
-}
+_SUBCOMMANDS = ("fit", "validate", "test")
+_PARSER_KWARGS = {"exit_on_error": False} | {cmd: {"exit_on_error": False} for cmd in _SUBCOMMANDS}
+
+# Known-benign warnings of the libraries under us, silenced by message and module; anything
+# else still shows. (message regex, category, module regex)
+BENIGN_WARNINGS = [
+    # torchdata 0.11's StatefulDataLoader calls torch.set_vital, deprecated in torch 2.13.
+    (r"'set_vital' is deprecated", UserWarning, r"torchdata\."),
+    # Lightning 2.6's pytree helper builds torch's deprecated LeafSpec.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+    # Without tensorboard, Lightning's default logger is CSVLogger, as it says at length.
+    (r"Starting from v1\.9\.0, `tensorboardX` has been removed", UserWarning, r"lightning\."),
+    # DPO's reference is frozen in eval mode on purpose (and the policy is put in train mode).
+    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning, r"lightning\."),
+]
+
+
+def _no_tips(record: logging.LogRecord) -> bool:
+    """Lightning's advertisements ("💡 Tip: ... try installing litlogger") are not our run's."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Filter BENIGN_WARNINGS and Lightning's tips (idempotent)."""
+    for message, category, module in BENIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_no_tips)
 
 
 class DPOCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in _SUBCOMMANDS}
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs, subparser_kwargs) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # listed in `lit-dpo --help`; `main` runs it before any Trainer
+            about = _first_sentence(export_checkpoint.__doc__)
+            export = ArgumentParser(description=about)
+            export.add_function_arguments(export_checkpoint)
+            self.parser._subcommands_action.add_subcommand("export", export, help=about)
+
     def add_arguments_to_parser(self, parser) -> None:
-        # The data is tokenized with the policy's own tokenizer.
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         # Always on: the trained policy is written in Hugging Face format when fit ends.
         parser.add_lightning_class_args(HFExport, "export")
+
+    def before_instantiate_classes(self) -> None:
+        # The data is tokenized with the policy's own tokenizer unless `data.tokenizer` names one.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.data.tokenizer is None:
+            config.data.tokenizer = config.model.model_name_or_path
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with our progress bar and model summary unless the config names its own
+        (or turns them off)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        for kind, default, flag in [
+            (ProgressBar, StepProgressBar, "enable_progress_bar"),
+            (ModelSummary, ParamSummary, "enable_model_summary"),
+        ]:
+            if trainer.get(flag) is not False and not any(isinstance(c, kind) for c in callbacks):
+                callbacks = [*callbacks, default()]
+                if kind is ModelSummary:  # else Lightning says it found ours, and skips its own
+                    trainer[flag] = False
+        trainer["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: LightningCLI (2.6) would replace the model's settings with those saved in a
@@ -140,6 +212,12 @@ def _negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+def _first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence on one line (`--help` lists each subcommand with it)."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s", paragraph)[0]
+
+
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -163,6 +241,7 @@ def main(args: list[str] | None = None) -> None:
     else:
         args = _negative_numbers(args)
     argv = sys.argv[1:] if args is None else args
+    quiet_known_noise()
     try:
         if argv[:1] == ["export"]:  # a tool, not a Trainer run
             from jsonargparse import auto_cli

@@ -49,61 +49,83 @@ class Sampling:
 
 
 def generate(
-    model, tokenizer, prompts: Sequence[str], *args: Any, **kwargs: Any
+    model, tokenizer, prompts: Sequence[str], *args: Any, progress: bool = True, **kwargs: Any
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Sample `n_samples` chat completions per prompt; return (prompt ids, completion ids) per
     sample, prompt-major (the samples of prompt i are rows i*n_samples ... (i+1)*n_samples-1).
 
-    The settings are a `Sampling` or its fields (see `Sampling.of`). The prompt ids are the
-    rendered chat template without padding; the completion ids are the sampled tokens up to and
-    including the first end-of-sequence token (all of them if none was sampled within
-    `max_new_tokens`). Deterministic for a seed, model, batch size and machine: the global torch
-    RNG is seeded inside `fork_rng`, so the caller's RNG state is left as it was. The model is
-    run in eval mode and given back in the mode it came in.
+    The settings are a `Sampling` or its fields (see `Sampling.of`). Each prompt is one user
+    message, rendered with the chat template (`chat_prompt_ids`); the rest is `generate_ids`.
+    """
+    s = Sampling.of(*args, **kwargs)
+    return generate_ids(model, tokenizer, chat_prompt_ids(tokenizer, prompts), s, progress=progress)
+
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[str | list[dict]]) -> list[list[int]]:
+    """Each prompt (a string: one user message; or a list of {role, content} messages) rendered
+    with the chat template and its generation prompt, as token ids."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}] if isinstance(p, str) else p,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for p in prompts
+    ]
+    # The rendered template already holds any BOS, so tokenize it without special tokens.
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *args: Any,
+    progress: bool = True,
+    **kwargs: Any,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`generate` from prompts already tokenized (e.g. a PreferenceDataModule's
+    `prompt_input_ids`, rendered exactly as in training): (prompt ids, completion ids) per
+    sample, prompt-major.
+
+    The completion ids are the sampled tokens up to and including the first end-of-sequence
+    token (all of them if none was sampled within `max_new_tokens`). Deterministic for a seed,
+    model, batch size and machine: the global torch RNG is seeded inside `fork_rng`, so the
+    caller's RNG state is left as it was. The model is run in eval mode and given back in the
+    mode it came in. `progress`: show a progress bar over the batches.
     """
     from tqdm.auto import tqdm
 
     s = Sampling.of(*args, **kwargs)
-    # The rendered template already holds any BOS, so tokenize it without special tokens.
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        for p in prompts
-        for _ in range(s.n_samples)
-    ]
+    rows = [list(ids) for ids in prompt_ids for _ in range(s.n_samples)]
     stop = model.generation_config.eos_token_id
     stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])} - {None}
-    prompt_ids: list[list[int]] = []
+    pad = pad_token_id(tokenizer)
     completion_ids: list[list[int]] = []
+    starts = range(0, len(rows), s.batch_size)
     with eval_mode(model), torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(s.seed)
-        for start in tqdm(range(0, len(texts), s.batch_size), desc="sampling", unit="batch"):
+        for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
             # Left padding: every row's prompt ends at the same column, where generation starts.
-            batch = tokenizer(
-                texts[start : start + s.batch_size],
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-                add_special_tokens=False,
-            ).to(model_device(model))
+            batch = rows[start : start + s.batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch])  # (N, T)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch])
+            device = model_device(model)
             out = model.generate(
-                **batch,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 do_sample=True,
                 temperature=s.temperature,
                 top_p=s.top_p,
                 top_k=0,  # transformers would add top-k 50 otherwise; we want plain nucleus
                 max_new_tokens=s.max_new_tokens,
-                pad_token_id=pad_token_id(tokenizer),
+                pad_token_id=pad,
             )
-            width = batch["input_ids"].shape[1]
-            rows = zip(batch["input_ids"], batch["attention_mask"], out.tolist(), strict=True)
-            for ids, mask, row in rows:
-                prompt_ids.append(ids[mask.bool()].tolist())
-                new = row[width:]  # after the first stop token, generate only pads
-                end = next((i + 1 for i, t in enumerate(new) if t in stop), len(new))
-                completion_ids.append(new[:end])
-    return prompt_ids, completion_ids
+            for row in out[:, width:].tolist():  # after the first stop token, only pads
+                end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+                completion_ids.append(row[:end])
+    return rows, completion_ids
 
 
 def sample(model, tokenizer, prompts: Sequence[str], *args: Any, **kwargs: Any) -> list[list[str]]:

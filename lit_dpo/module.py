@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import ClassVar, Literal
 
 import torch
@@ -20,6 +21,14 @@ from lit_dpo.utils import STAGES, pairwise_accuracy
 
 # The optimizer, scheduler and LoRA settings are importable from here too (configs name them).
 __all__ = ["DPOModule", "LinearWarmup", "LoRA", "PaperRMSprop"]
+
+# The reference is frozen in eval mode on purpose: Lightning's notice about it is noise.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Found \d+ module\(s\) in eval mode",
+    category=UserWarning,
+    module=r"lightning\.",
+)
 
 METRICS = (
     "loss",

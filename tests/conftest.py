@@ -84,13 +84,6 @@ def datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
-@pytest.fixture(autouse=True)
-def no_global_seed(monkeypatch):
-    """`seed_everything` sets PL_GLOBAL_SEED, which the data module's default seed follows:
-    unset at the start of each test, so that no test's data order depends on an earlier one."""
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

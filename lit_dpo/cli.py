@@ -98,6 +98,7 @@ class DPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.data.tokenizer is None:
             config.data.tokenizer = config.model.model_name_or_path
+            config.data.tokenizer_revision = config.model.get("revision")
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with our progress bar and model summary unless the config names its own

@@ -200,7 +200,8 @@ def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule):
         from lit_dpo.hub import load_tokenizer
 
         hp = pl_module.hparams
-        tokenizer = load_tokenizer(tokenizer or hp.model_name_or_path, hp.trust_remote_code)
+        source = tokenizer or getattr(pl_module, "model_path", None) or hp.model_name_or_path
+        tokenizer = load_tokenizer(source, hp.trust_remote_code, hp.get("revision"))
     return tokenizer
 
 

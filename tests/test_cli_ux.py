@@ -282,3 +282,35 @@ def test_a_missing_prompts_file_is_one_line_before_the_run(tiny_model_dir, data_
         == f"lit-dpo: error: SampleReplies: prompts file {tmp_path}/nope.txt not found"
     )
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_tokenizer_follows_the_models_revision(monkeypatch):
+    """`--model.revision v1` loads the model's tokenizer at v1 too (the data module's own
+    `revision` is the dataset's); a tokenizer named on its own keeps its own revision."""
+    from lit_dpo.cli import DPOCLI
+    from lit_dpo.data import PreferenceDataModule
+    from lit_dpo.module import DPOModule
+
+    def parse(*args):
+        cli = DPOCLI(
+            DPOModule,
+            PreferenceDataModule,
+            args=["--model.model_name_or_path", "org/model", "--data.dataset", "d.jsonl", *args],
+            run=False,
+            auto_configure_optimizers=False,
+        )
+        return cli.datamodule.hparams
+
+    hp = parse("--model.revision", "v1")
+    assert (hp.tokenizer, hp.tokenizer_revision) == ("org/model", "v1")
+    hp = parse("--model.revision", "v1", "--data.tokenizer", "org/tok")
+    assert (hp.tokenizer, hp.tokenizer_revision) == ("org/tok", None)
+
+    loaded = []
+    monkeypatch.setattr(  # the Hub is unreachable here: record what would be loaded
+        "lit_dpo.data.module.load_tokenizer", lambda *a: loaded.append(a) or 1 / 0
+    )
+    dm = PreferenceDataModule("d.jsonl", tokenizer="org/tok", tokenizer_revision="v2")
+    with pytest.raises(ZeroDivisionError):
+        dm._load_tokenizer()
+    assert loaded == [("org/tok", False, "v2")]

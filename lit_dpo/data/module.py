@@ -57,8 +57,10 @@ class PreferenceDataModule(L.LightningDataModule):
             in-memory `datasets.Dataset` (the train split) or `datasets.DatasetDict`. CSV cells
             are read as text, as written ("4", "NA" and "" stay so).
         tokenizer: A tokenizer name or path (anything `lit_dpo.hub.resolve` accepts) or a
-            tokenizer object. Required; the CLI links it to the model's name. Without a pad
-            token, batches are padded with EOS (padding is masked out anyway).
+            tokenizer object. Required; the CLI fills in the model's name when it is unset.
+            Without a pad token, batches are padded with EOS (padding is masked out anyway).
+        tokenizer_revision: The version of a Hub tokenizer to load (branch, tag or commit hash);
+            the CLI fills in `model.revision` when the tokenizer is the model's.
         dataset_config: The configuration (subset) name of a Hub dataset (`load_dataset`'s
             `name`).
         revision: The version of a Hub dataset to read: a branch, tag or commit hash (a commit
@@ -124,6 +126,7 @@ class PreferenceDataModule(L.LightningDataModule):
         # given on the command line as a config (a CSV file's text replaced its path).
         dataset: str | os.PathLike | datasets.Dataset | datasets.DatasetDict,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
+        tokenizer_revision: str | None = None,
         dataset_config: str | None = None,
         revision: str | None = None,
         data_files: str | list[str] | dict[str, str | list[str]] | None = None,
@@ -345,7 +348,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise ValueError("PreferenceDataModule needs a tokenizer (a name, a path or an object)")
         if isinstance(self.tokenizer, str):
-            self.tokenizer = load_tokenizer(self.tokenizer, self.hparams.trust_remote_code)
+            hp = self.hparams
+            revision = hp.tokenizer_revision
+            self.tokenizer = load_tokenizer(self.tokenizer, hp.trust_remote_code, revision)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token to end completions with")
         if self.hparams.chat_template is not None:

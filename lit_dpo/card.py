@@ -92,12 +92,12 @@ def model_card(module, facts: dict, *, name: str, adapter: bool, source: str | N
     model, data, loss, reference, LoRA, steps), the final metrics, and how to load it.
     `facts`: `run_facts` (a missing step or data is said to be unrecorded)."""
     hp = module.hparams
-    source = getattr(module, "model_path", None) or hp.model_name_or_path  # an object: its files
+    model = getattr(module, "model_path", None) or hp.model_name_or_path  # an object: its files
     dpo = hasattr(module, "loss_types")  # DPOModule, else SFTModule
     data = facts.get("data")
     datasets = [_hub_id(data.get("source"))] if data and _hub_id(data.get("source")) else []
     meta = {
-        "base_model": _hub_id(source),
+        "base_model": _hub_id(model),
         "library_name": "peft" if adapter else "transformers",
         "tags": ["dpo" if dpo else "sft", "lit-dpo"],
         "datasets": datasets or None,
@@ -112,7 +112,7 @@ def model_card(module, facts: dict, *, name: str, adapter: bool, source: str | N
     step = facts.get("step")
     steps = f"{step} optimizer steps" if step is not None else "an unrecorded number of steps"
     method = "DPO (Direct Preference Optimization)" if dpo else "supervised fine-tuning (SFT)"
-    base = _base(source) + (f" at revision `{hp.revision}`" if hp.get("revision") else "")
+    base = _base(model) + (f" at revision `{hp.revision}`" if hp.get("revision") else "")
     rows = [("base model", base), ("data", _data_line(data, "pairs" if dpo else "rows"))]
     rows += _objective(module) + [("trained", steps)]
     if hp.lora is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +17,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary,
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_dpo.utils import atomic_file
 
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
@@ -114,40 +115,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden, and not a *.ckpt
         try:
-            with open(tmp, "wb") as f:
+            with atomic_file(path) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as err:
-            tmp.unlink(missing_ok=True)
-            if isinstance(err, (OSError, RuntimeError)):  # torch wraps the OSError of a write
-                cause = next((e for e in _chain(err) if isinstance(e, OSError)), err)
-                raise CheckpointWriteError(
-                    f"could not write the checkpoint {path}: {cause} (no file left under that name)"
-                ) from err
-            raise
-        _fsync_dir(path.parent)  # the rename itself survives a crash
+        except (OSError, RuntimeError) as err:  # torch wraps the OSError of a write
+            cause = next((e for e in _chain(err) if isinstance(e, OSError)), err)
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path}: {cause} (no file left under that name)"
+            ) from err
 
 
 def _chain(err: BaseException):
     while err is not None:
         yield err
         err = err.__cause__ or err.__context__
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse to sync a directory: the file itself is synced
-        pass
-    finally:
-        os.close(fd)
 
 
 # The progress bar's short names for the last part of a metric's name (`train/rewards/margins`),

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -71,21 +72,37 @@ def finite_json(value, **kwargs) -> str:
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: a killed run never leaves a half file under
-    the final name."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes `path` only if the block succeeds: written as a hidden
+    temporary sibling (same directory, so same filesystem), synced, then renamed over `path`.
+    A killed run or a full disk never leaves a half file under the final name, and the
+    temporary is removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden, and not a *.ckpt
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a crash
+    try:
+        os.fsync(directory)
+    except OSError:  # some filesystems refuse to sync a directory: the file itself is synced
+        pass
+    finally:
+        os.close(directory)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """`data` (text as UTF-8) written to `path` through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager

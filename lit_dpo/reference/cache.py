@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_dpo.hub import module_fingerprint, resolve
 from lit_dpo.logps import SequenceLogps, sequence_logps
-from lit_dpo.utils import eval_mode
+from lit_dpo.utils import atomic_write, eval_mode
 
 Table = dict[str, Tensor]  # {split: (rows, 2 [sum, mean], 2 [chosen, rejected]) float32}
 
@@ -114,11 +113,9 @@ def read(path: Path, key: str, lengths: dict[str, int]) -> tuple[Table | None, s
 
 
 def write(path: Path, key: str, table: Table) -> None:
-    """Atomically: a temporary file renamed over the target, so a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    """Atomically (`atomic_write`): a killed run leaves no half file under the cache's name."""
+    tensors = {k: v.contiguous() for k, v in table.items()}
+    atomic_write(path, save(tensors, metadata={"key": key}))
 
 
 def compute(

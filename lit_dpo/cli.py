@@ -40,8 +40,9 @@ from lit_dpo.callbacks import (
     ParamSummary,
     StepProgressBar,
 )
+from lit_dpo.checkpoints import check_sharded
 from lit_dpo.data import PreferenceDataModule
-from lit_dpo.export import HFExport, check_sharded, export_checkpoint
+from lit_dpo.export import HFExport, export_checkpoint
 from lit_dpo.module import DPOModule
 
 # A parse error raises (one line in main) instead of printing the whole usage and exiting.

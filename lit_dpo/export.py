@@ -27,12 +27,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 
 from lit_dpo.card import RECORD, checkpoint_facts, model_card, run_facts
-from lit_dpo.checkpoints import check_sharded, load_module
+from lit_dpo.checkpoints import load_module
 from lit_dpo.hub import load_tokenizer
 from lit_dpo.utils import atomic_write, finite_json
 
-# check_sharded: lit_dpo.cli imports it from here.
-__all__ = ["HFExport", "check_sharded", "check_target", "export_checkpoint", "export_policy"]
+__all__ = ["HFExport", "check_target", "export_checkpoint", "export_policy", "policy_tokenizer"]
 
 MARKER = ".lit_dpo_export.json"  # in every export: what it came from and the files it holds
 CARD = "README.md"  # the model card, as the Hub reads it
@@ -160,7 +159,7 @@ def export_policy(
             return out
     check_target(out)
     hp = module.hparams
-    tokenizer = _tokenizer(module)
+    tokenizer = policy_tokenizer(module)
     if hasattr(policy, "merge_and_unload") and not adapter:  # the base, adapters folded in
         policy = copy.deepcopy(policy).merge_and_unload()
     if facts is None:
@@ -179,8 +178,9 @@ def export_policy(
     return out
 
 
-def _tokenizer(module):
-    """The tokenizer to ship: the one the run's data module loaded, else the policy's own."""
+def policy_tokenizer(module):
+    """The policy's tokenizer: the one the run's data module loaded, else the policy's own (what
+    an export ships, and what samples are decoded with)."""
     datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
     tokenizer = getattr(datamodule, "tokenizer", None)
     if hasattr(tokenizer, "save_pretrained"):
@@ -190,7 +190,7 @@ def _tokenizer(module):
     if path is None:
         raise ValueError(
             "the policy is a model object not loaded from files, and no data module holds a "
-            "tokenizer: export_policy has no tokenizer to write"
+            "tokenizer: pass the tokenizer to PreferenceDataModule(tokenizer=...)"
         )
     return load_tokenizer(path, hp.trust_remote_code, hp.get("revision"))
 

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from lit_dpo.export import policy_tokenizer
 from lit_dpo.generation import Sampling, chat_prompt_ids, decode, generate_ids
 from lit_dpo.reward import log_ratios
 from lit_dpo.utils import atomic_write, finite_json, pad_token_id
@@ -102,7 +103,7 @@ class SampleReplies(Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        tokenizer = _tokenizer(trainer, pl_module)
+        tokenizer = policy_tokenizer(pl_module)
         if self._prompts is None:
             self._prompts = self._read_prompts(trainer, tokenizer)
         texts, prompt_ids = self._prompts
@@ -191,18 +192,6 @@ def shown_prompt(tokenizer, prompt_ids: Sequence[int]) -> str:
         if text.startswith(before) and text.endswith(after) and len(text) > len(frame) - len(mark):
             return text[len(before) : len(text) - len(after)].strip()
     return decode(tokenizer, [prompt_ids])[0]
-
-
-def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule):
-    """The data module's (loaded) tokenizer, else the policy's."""
-    tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-    if tokenizer is None or isinstance(tokenizer, str):
-        from lit_dpo.hub import load_tokenizer
-
-        hp = pl_module.hparams
-        source = tokenizer or getattr(pl_module, "model_path", None) or hp.model_name_or_path
-        tokenizer = load_tokenizer(source, hp.trust_remote_code, hp.get("revision"))
-    return tokenizer
 
 
 @contextlib.contextmanager

@@ -264,7 +264,7 @@ def test_resuming_from_a_sharded_checkpoint_never_runs_its_pickles(kind, ckpt, t
     """torch.distributed.checkpoint would `pickle.load` the .metadata and `torch.load` the
     optimizer's settings with weights_only=False: checked first with an allow-list and
     weights_only, and refused in one line before anything loads."""
-    from lit_dpo.export import check_sharded
+    from lit_dpo.checkpoints import check_sharded
 
     check_sharded(shard(ckpt, tmp_path / "good"))  # a real sharded checkpoint passes
     marker = tmp_path / "pwned"

@@ -7,6 +7,7 @@ recomputes its (chunk, V) logits instead of keeping them, so memory stays flat a
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Attention implementations that keep packed sequences apart when given restarting position_ids
+# (transformers >= 4.56: masking_utils makes a block-diagonal mask; flash runs varlen).
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 LOGITS_PER_CHUNK = 2**24  # default chunk: 16M logits (64 MB in fp32), at any vocabulary size
 
 
@@ -92,6 +96,21 @@ def completion_logps(
         mean=total / n_tokens,
         logits_mean=zeros.index_add(0, rows, logit_means) / n_tokens,
     )
+
+
+def packing_unsupported(model: nn.Module) -> str | None:
+    """Why `model` would read a packed batch wrongly (sequences attending across each other), or
+    None when it reads one right: a supported attention, in a model whose code builds its mask
+    with transformers' `masking_utils` (which finds the packed sequences in `position_ids`)."""
+    if callable(getattr(model, "get_base_model", None)):  # PEFT
+        model = model.get_base_model()
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn not in PACKED_ATTENTION:
+        return f"the model's attention {attn!r} is not one of {', '.join(PACKED_ATTENTION)}"
+    modules = (sys.modules.get(c.__module__) for c in type(model).__mro__)
+    if not any(hasattr(m, "create_causal_mask") for m in modules):
+        return f"{type(model).__name__} does not build its mask with transformers' masking_utils"
+    return None
 
 
 class _CompletionHead(nn.Module):

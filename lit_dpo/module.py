@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_dpo.hub import CausalLM, has_adapters
-from lit_dpo.logps import IGNORE_INDEX, sequence_logps
+from lit_dpo.logps import IGNORE_INDEX, packing_unsupported, sequence_logps
 from lit_dpo.losses import LOSSES, get_loss
 from lit_dpo.policy import LinearWarmup, LoRA, PaperRMSprop, PolicyModule
 from lit_dpo.reference import Reference, ReferenceSettings, make_reference
@@ -255,6 +255,12 @@ class DPOModule(PolicyModule):
         return out["losses"].mean()
 
     # -- refusing data that is not preference pairs ------------------------------------------
+
+    @property
+    def packing_refusal(self) -> str | None:
+        """Why this module would read packed batches wrongly; None when it reads them right
+        (PreferenceDataModule's packing="auto" then packs a batch whenever that saves rows)."""
+        return packing_unsupported(self.policy) if self.policy is not None else "no policy yet"
 
     def setup(self, stage: str) -> None:
         """Unpaired rows (prompt/completion: SFT or KTO-style data) give chosen = rejected in every

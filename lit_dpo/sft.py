@@ -12,6 +12,8 @@ from lit_dpo.utils import STAGES
 
 
 class SFTModule(PolicyModule):
+    packing_refusal = "SFTModule takes padded batches only"  # PreferenceDataModule reads it
+
     def __init__(self, *args, **kwargs):
         """Supervised fine-tuning of a causal LM on the completion tokens of collated batches.
 

@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
 
@@ -244,9 +245,9 @@ def pair_accuracy(policy, reference, loader, limit: int | None = None) -> tuple[
         for batch in loader:
             if limit is not None and total >= limit:
                 break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n = batch["input_ids"].shape[0] // 2
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             s = sequence_logps(policy, batch).sum - sequence_logps(reference, batch).sum  # (2B,)
+            n = len(s) // 2  # padded or packed batch: 2B sequences either way
             right += float(pairwise_accuracy(s[:n] - s[n:]).sum())  # a tie counts half
             total += n
     return right / max(total, 1), total

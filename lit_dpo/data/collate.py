@@ -18,7 +18,7 @@ def collate_sequences(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
-    packing: bool = False,
+    packing: bool | str = False,
 ) -> dict[str, torch.Tensor | int]:
     """Batch N (prompt ids, completion ids) sequences, right-padded to the longest one.
 
@@ -31,14 +31,19 @@ def collate_sequences(
     at 0 for every sequence) and `row_ids` (which of the N sequences each token belongs to, -1
     on padding), each (R, T) with R <= N, and `n_rows` = N; no `attention_mask`. Attention
     stays within each sequence (transformers reads the restarts in `position_ids`), costs R T^2
-    rather than (N T)^2 for one long row, and little compute goes to padding.
+    rather than (N T)^2 for one long row, and little compute goes to padding. packing="auto":
+    packed when that saves at least one row (R < N), padded otherwise, where packing would
+    only add its bookkeeping; the batch's keys say which.
     """
     sequences = [(list(p), list(c)) for p, c in sequences]
-    T = max(len(p) + len(c) for p, c in sequences)
+    lengths = [len(p) + len(c) for p, c in sequences]
+    T = max(lengths)
     if pad_to_multiple_of:
         T = math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of
     if packing:
-        return _pack(sequences, pad_token_id, width=T)
+        rows = pack_rows(lengths, width=T)
+        if packing != "auto" or len(rows) < len(sequences):
+            return _pack(sequences, rows, pad_token_id, width=T)
     input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)  # (N, T)
     attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
     labels = torch.full((len(sequences), T), IGNORE_INDEX, dtype=torch.long)
@@ -54,7 +59,7 @@ def collate_pairs(
     rows: list[dict[str, list[int]]],
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
-    packing: bool = False,
+    packing: bool | str = False,
 ) -> dict[str, torch.Tensor]:
     """Stack B pairs into one batch of 2B rows, right-padded to the longest row.
 
@@ -73,16 +78,12 @@ def collate_pairs(
     return batch | collate_sequences(sequences, pad_token_id, pad_to_multiple_of, packing)
 
 
-def _pack(
-    sequences: list[tuple[list[int], list[int]]], pad_token_id: int, width: int
-) -> dict[str, torch.Tensor | int]:
-    """(prompt, completion) sequences -> rows of `width` tokens (at least the longest
-    sequence), each holding as many sequences as fit (first fit, longest first), its padding a
-    segment of its own."""
-    lengths = [len(p) + len(c) for p, c in sequences]
-    rows: list[list[int]] = []  # sequence indices in each row
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Sequences of these lengths -> rows of `width` tokens (at least the longest), as the
+    sequence indices each row holds: first fit, longest first."""
+    rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(sequences)), key=lambda i: -lengths[i]):
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
         if fit is None:
             rows.append([])
@@ -90,6 +91,18 @@ def _pack(
             fit = len(rows) - 1
         rows[fit].append(i)
         room[fit] -= lengths[i]
+    return rows
+
+
+def _pack(
+    sequences: list[tuple[list[int], list[int]]],
+    rows: list[list[int]],
+    pad_token_id: int,
+    width: int,
+) -> dict[str, torch.Tensor | int]:
+    """(prompt, completion) sequences laid out in `rows` (from `pack_rows`), each row's padding
+    a segment of its own."""
+    lengths = [len(p) + len(c) for p, c in sequences]
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

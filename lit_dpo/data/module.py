@@ -96,10 +96,12 @@ class PreferenceDataModule(L.LightningDataModule):
         pad_to_multiple_of: Round each batch's length up to a multiple of this; None: no rounding.
         packing: Padding-free batches: the 2B sequences of a batch side by side in as few rows
             as hold them, each with its own `position_ids` (transformers then attends within each
-            sequence only), so little compute goes to padding. Needs an attention that reads
-            packed position_ids (sdpa, eager, flash_attention_2 in transformers >= 4.56).
-            DPOModule only.
-        group_by_length: Where packing is off: within each run of 64 batches of the (seeded)
+            sequence only), so little compute goes to padding. `auto` (default): packed whenever
+            a batch packs into fewer rows and the LightningModule reads packed batches (its
+            `packing_refusal` is None: DPOModule with sdpa, eager or flash attention), padded
+            otherwise, so it never costs time; without a Trainer, padded. `true`: every batch
+            packed (refused for a module that cannot read them). `false`: every batch padded.
+        group_by_length: Unless packing is `true`: within each run of 64 batches of the (seeded)
             shuffle, order rows by length, so a batch holds rows of similar length and pads
             little. The order stays a function of (seed, epoch): resuming is still exact.
         num_workers: DataLoader worker processes.
@@ -142,7 +144,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         pad_to_multiple_of: int | None = None,
-        packing: bool = False,
+        packing: bool | Literal["auto"] = "auto",
         group_by_length: bool = False,
         num_workers: int = 0,
         num_proc: int | None = None,
@@ -168,6 +170,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(
                 f"truncation_mode must be keep_end or keep_start, got {truncation_mode!r}"
             )
+        if packing not in (True, False, "auto"):
+            raise ValueError(f"packing must be true, false or auto, got {packing!r}")
         if on_bad_rows not in ("error", "skip"):
             raise ValueError(f"on_bad_rows must be error or skip, got {on_bad_rows!r}")
         if columns:
@@ -195,6 +199,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.splits: dict[str, str] = {}  # {role: the split read for it}, after setup
         self._where: dict[str, str] = {}  # {split: "<files>: split '<split>'"}, for messages
         self.rejects: list[dict[str, Any]] = []  # the skipped rows, see `Prepared`
+        self.packing: bool | str = False  # what `collate` does: resolved by each loader
+        self._packing_note: str | None = None
 
     # Settings other lit_dpo code reads (e.g. SentimentEval re-reads the test split's prompts).
     @property
@@ -363,8 +369,24 @@ class PreferenceDataModule(L.LightningDataModule):
             rows,
             pad_token_id=pad_token_id(self.tokenizer),
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
-            packing=self.hparams.packing,
+            packing=self.packing,
         )
+
+    def _resolve_packing(self) -> None:
+        """`packing` as the attached LightningModule can read it (see the argument)."""
+        packing, module = self.hparams.packing, None
+        if self.trainer is not None:
+            module = self.trainer.lightning_module
+        if packing and module is not None:
+            default = f"{type(module).__name__} does not say it reads packed batches"
+            refusal = getattr(module, "packing_refusal", default)
+            if refusal and packing == "auto":
+                if refusal != self._packing_note:  # once per reason, not once per loader
+                    rank_zero_info(f"data.packing=auto: padded batches, since {refusal}")
+                self._packing_note, packing = refusal, False
+            elif refusal:
+                raise ValueError(f"data.packing=true, but {refusal}: set it to auto or false")
+        self.packing = packing if module is not None or packing is True else False
 
     def _loader(self, dataset: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # Resumable order: the shuffle is a function of (seed, epoch) alone (Lightning calls
@@ -376,7 +398,8 @@ class PreferenceDataModule(L.LightningDataModule):
         shard = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
         shard = shard or {"num_replicas": 1, "rank": 0}
         sampler = None
-        if shuffle and hp.group_by_length and not hp.packing:
+        self._resolve_packing()
+        if shuffle and hp.group_by_length and hp.packing is not True:
             sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=self.seed, **shard)
         elif shuffle:
             sampler = DistributedSampler(dataset, seed=self.seed, **shard)

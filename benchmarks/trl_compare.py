@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
     "trl",
     "trl-precomputed",
+    "default",
     "online",
     "packed",
     "precomputed",
@@ -49,6 +50,11 @@ VARIANTS = (
     "packed+gc",
 )  # fmt: skip; +gc: activation checkpointing on (TRL's default), compared with each other
 TRL_VARIANTS = ("trl", "trl-precomputed", "trl+gc")
+# default: lit_dpo as shipped (packing="auto"); online: padded batches; packed: every batch packed
+# Prompt and completion token ranges: wide and log-uniform (varied), or all alike (uniform: prompts
+# and replies of similar length, little padding at max_length 128).
+SHAPES = {"varied": dict(prompt_tokens=(16, 96), completion_tokens=(8, 96)),
+          "uniform": dict(prompt_tokens=(44, 52), completion_tokens=(64, 72))}  # fmt: skip
 SIZES = {"tiny": dict(warmup=2, steps=10), "smollm2": dict(warmup=2, steps=5)}
 
 
@@ -61,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}"
     )
+    p.add_argument("--shape", choices=sorted(SHAPES), default="varied", help="the pairs' lengths")
     p.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--warmup", type=int, help="untimed steps (default: 2)")
@@ -200,7 +207,7 @@ def prepare_data(args: argparse.Namespace, model_dir: str, workdir: Path) -> str
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     n_pairs = args.batch_size * (args.warmup + args.steps)
-    rows = make_pairs(tokenizer, n_pairs, args.max_length, seed=args.seed)
+    rows = make_pairs(tokenizer, n_pairs, args.max_length, seed=args.seed, **SHAPES[args.shape])
     return write_jsonl(rows, workdir / "train.jsonl")
 
 
@@ -333,6 +340,7 @@ def batch_stats(batch: dict) -> dict:
         "padded_tokens": ids.numel(),
         "pairs": pairs,
         "shape": list(ids.shape),
+        "packed": "row_ids" in batch,
     }
 
 
@@ -363,7 +371,7 @@ def run_lit_dpo(spec: dict) -> dict:
 
     L.seed_everything(spec["seed"], verbose=False)
     variant, workdir = spec["variant"], Path(spec["workdir"])
-    data_options = {"packing": True} if "packed" in variant else {}
+    data_options = {} if variant == "default" else {"packing": "packed" in variant}
     module_options = {"compile": True} if variant == "compiled" else {}
     module_options |= {"gradient_checkpointing": True} if variant.endswith("+gc") else {}
     if "precomputed" in variant:
@@ -517,6 +525,7 @@ def summarize(result: dict, warmup: int, precomputed: bool) -> dict:
         "pairs_per_s": sum(s["pairs"] for s in timed) / total,
         "tokens_per_s": real / total,
         "padding_fraction": 1 - real / padded,
+        "packed_steps": sum(s.get("packed", False) for s in timed) / len(timed),
         "useful_gflops": flops / total / 1e9,
         "threads": sorted({s["threads"] for s in timed}),
     }
@@ -562,6 +571,7 @@ def print_table(report: dict) -> None:
         ("pairs/s", "pairs_per_s", "{:.2f}"),
         ("tokens/s", "tokens_per_s", "{:.0f}"),
         ("pad %", "padding_fraction", "{:.0%}"),
+        ("packed", "packed_steps", "{:.0%}"),
         ("GFLOP/s", "useful_gflops", "{:.1f}"),
         ("of peak", "fraction_of_peak", "{:.1%}"),
         ("peak RSS GiB", "peak_rss_gib", "{:.2f}"),
@@ -579,8 +589,9 @@ def print_table(report: dict) -> None:
     peak = {k: report["matmul"][k]["gflops"] for k in ("before", "after")}
     print(
         f"\n{cfg['model'] or cfg['size']}: {params:,} parameters; {cfg['batch_size']} pairs per "
-        f"step, max_length {cfg['max_length']}, {cfg['warmup']} warm-up + {cfg['steps']} timed "
-        f"steps, fastest of {cfg['repeats']} run(s), {env['threads']} threads\n"
+        f"step, max_length {cfg['max_length']}, {cfg['shape']} lengths, {cfg['warmup']} warm-up "
+        f"+ {cfg['steps']} timed steps, fastest of {cfg['repeats']} run(s), "
+        f"{env['threads']} threads\n"
         f"matmul peak {max(peak.values()):.1f} GFLOP/s (before {peak['before']:.1f}, after "
         f"{peak['after']:.1f}); {env['cpu']}; torch {env['torch']}, transformers "
         f"{env['transformers']}, lightning {env['lightning']}, trl {env['trl']}"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import write_jsonl
 from lit_dpo import module
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -80,3 +81,26 @@ def test_memory_tiny(tmp_path):
         assert r["median_step_s"] > 0 and r["step_s"] == [r["median_step_s"]]
         if name != "copy+bf16-true":
             assert abs(r["loss"] - math.log(2)) < 1e-4
+
+
+def test_main_job_times_configs_side_by_side(tmp_path, tiny_model_dir):
+    """benchmarks/main_job.py fits each config in its own process and reports wall times as
+    ratios of the first (here the tiny config twice, with and without packing)."""
+    pairs = [{"prompt": f"Review film {i}:", "chosen": " a delight.", "rejected": " boring."}
+             for i in range(12)]  # fmt: skip
+    pairs_dir = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "main-job.json"
+    config = str(BENCHMARKS.parent / "configs" / "tiny.yaml")
+    extra = f"--model.model_name_or_path {tiny_model_dir} --data.dataset {pairs_dir}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.main_job", "--configs", f"{config},{config}",
+         "--args", extra, "--workdir", str(tmp_path / "runs"), "--out", str(out)],
+        cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = json.loads(out.read_text())["results"]
+    assert first["returncode"] == second["returncode"] == 0
+    assert first["wall_vs_first"] == 1 and second["wall_s"] > 0
+    assert first["eval"] is None  # the tiny config has no held-out evaluation callback
+    assert (tmp_path / "runs" / "run1" / "hf").is_dir()  # the second run's own datasets cache
+    assert f"{config}: " in proc.stdout and ", x1.00" in proc.stdout

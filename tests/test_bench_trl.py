@@ -28,9 +28,9 @@ def test_pairs_are_deterministic_distinct_and_fit(tiny_model_dir):
             assert completion >= 1 and prompt + completion + 1 <= 64  # + EOS
 
 
-def run(tmp_path, model_dir, variants):
+def run(tmp_path, model_dir, variants, *more):
     out = tmp_path / "bench.json"
-    argv = ["--model", model_dir, "--variants", variants, "--warmup", "1", "--steps", "2"]
+    argv = ["--model", model_dir, "--variants", variants, "--warmup", "1", "--steps", "2", *more]
     argv += ["--matmul-size", "256", "--out", str(out)]
     report = main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -65,3 +65,19 @@ def test_lit_dpo_against_trl(tmp_path, tiny_model_dir, capsys):
     (ratio,) = report["ratios"]["online"]
     assert ratio["vs"] == "trl" and ratio["pairs_per_s"] > 0
     assert "online / trl: pairs/s x" in printed
+
+
+def test_uniform_lengths_and_the_default_variant(tmp_path, tiny_model_dir):
+    """--shape uniform: prompts and replies of similar length; `default` (packing auto) packs no
+    batch there, since none would fit in fewer rows, while `packed` packs every one."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = make_pairs(
+        tokenizer, 8, max_length=128, prompt_tokens=(44, 52), completion_tokens=(64, 72)
+    )
+    lengths = [len(tokenizer(r["prompt"] + r["chosen"])["input_ids"]) for r in rows]
+    assert max(lengths) - min(lengths) < 20
+    report = run(tmp_path, tiny_model_dir, "default,packed", "--shape", "uniform")
+    default, packed = report["results"]["default"], report["results"]["packed"]
+    check(default), check(packed)
+    assert default["packed_steps"] == 0 and packed["packed_steps"] == 1
+    assert report["config"]["shape"] == "uniform"

@@ -15,6 +15,7 @@ from typing import Any
 _PUBLIC = {
     "DPOModule": "lit_dpo.module",
     "SFTModule": "lit_dpo.sft",
+    "RewardModule": "lit_dpo.reward_model",
     "LoRA": "lit_dpo.policy",
     "PaperRMSprop": "lit_dpo.policy",
     "LinearWarmup": "lit_dpo.policy",

@@ -330,14 +330,18 @@ class PolicyModule(L.LightningModule):
         self.log("train/lr", lr, on_step=True, on_epoch=False)
         # Before clipping, after the DDP all-reduce / FSDP reduce-scatter: the norm of the whole
         # gradient (under FSDP2 each rank holds a shard: the norm of the DTensor is global).
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trainable() if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
+    def trainable(self) -> list[nn.Parameter]:
+        """What the optimizer steps and `train/grad_norm` measures (a subclass adds its head)."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        optimizer = self.optimizer([p for p in self.policy.parameters() if p.requires_grad])
+        optimizer = self.optimizer(self.trainable())
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

@@ -80,3 +80,44 @@ def test_nonfinite_loss_stops_naming_step_and_batch(tiny_model_dir, pairs_file, 
     assert str(saved) in str(err.value)
     batch = torch.load(saved, weights_only=True)
     assert batch["input_ids"].shape[0] == 4  # 2 pairs: chosen rows, then rejected rows
+
+
+def test_resuming_mid_epoch_after_the_first_sees_the_same_batches(tiny_model_dir, tmp_path):
+    """A checkpoint taken inside epoch 1 (not 0) resumes to the batches the uninterrupted run
+    saw: the sampler must hold epoch 1's order before the loader skips to its position."""
+    import functools
+
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"Review {i}:", "chosen": " good" * (1 + i % 3), "rejected": " bad"}
+            for i in range(12)]  # fmt: skip
+    data_file = str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+
+    class Seen(Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.batches.append(batch["index"].tolist())
+
+    def run(ckpt_path=None, save=False):
+        L.seed_everything(0)
+        sgd = functools.partial(torch.optim.SGD, lr=0.1)
+        module = DPOModule(tiny_model_dir, optimizer=sgd, lr_scheduler=None)
+        data = PreferenceDataModule(data_file, tokenizer=tiny_model_dir, batch_size=2,
+                                    val_fraction=0, seed=3)  # fmt: skip
+        seen = Seen()
+        every = [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)]
+        L.Trainer(
+            accelerator="cpu", max_steps=14, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path),
+            enable_checkpointing=save, callbacks=[seen, *(every if save else [])],
+        ).fit(module, data, ckpt_path=ckpt_path)  # fmt: skip
+        return seen.batches
+
+    full = run(save=True)  # 6 batches per epoch: step 8 is epoch 1's third batch
+    (ckpt,) = (tmp_path / "ckpt").glob("*step=8*")
+    assert run(ckpt_path=str(ckpt)) == full[8:]
+    assert full[8:12] != full[2:6]  # epoch 1's order is not epoch 0's

@@ -403,6 +403,10 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler = LengthGroupedSampler(dataset, 64 * batch_size, seed=self.seed, **shard)
         elif shuffle:
             sampler = DistributedSampler(dataset, seed=self.seed, **shard)
+        if sampler is not None and self.trainer is not None:
+            # A run resumed mid-epoch restores the loader's position before Lightning sets the
+            # epoch: the sampler must already hold the restored epoch's order.
+            sampler.set_epoch(self.trainer.current_epoch)
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,

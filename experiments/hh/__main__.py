@@ -6,5 +6,7 @@ from jsonargparse import CLI
 from experiments.hh.results import report
 from experiments.hh.run import run
 from experiments.hh.split import split
+from lit_dpo.cli import quiet_known_noise
 
+quiet_known_noise()  # the library warnings a `lit-dpo` run filters, filtered here too
 CLI([split, run, report], prog="python -m experiments.hh", as_positional=False)

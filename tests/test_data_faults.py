@@ -438,3 +438,20 @@ def test_the_data_module_says_whether_it_holds_pairs(tokenizer, tmp_path):
         f"{tmp_path / 'sft.jsonl'}: split 'train': holds prompt/completion rows, not pairs: DPO "
         f"needs pairs (prompt/chosen/rejected); use SFTModule for completions"
     )
+
+
+def test_a_file_of_yours_at_rejects_path_is_refused_untouched(tokenizer, tmp_path):
+    """Under skip the rejects file is replaced run after run, but only a rejects file: a file
+    of the user's at that path stops the run before it is touched."""
+    rows = [PAIR, {**PAIR, "rejected": PAIR["chosen"]}, {**PAIR, "prompt": "Film 2"}]  # 2: a tie
+    source = str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    rejects = tmp_path / "rejects.jsonl"
+    for _ in range(2):  # a second run replaces the first run's rejects file
+        built(source, tokenizer, val_fraction=0, on_bad_rows="skip", rejects_path=str(rejects))
+        (record,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+        assert record["row"] == 2
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    with pytest.raises(FileExistsError, match=r"notes.jsonl exists and is not a rejects file"):
+        built(source, tokenizer, val_fraction=0, on_bad_rows="skip", rejects_path=str(notes))
+    assert notes.read_text() == '{"my": "notes"}\n'

@@ -10,6 +10,7 @@ file.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -113,7 +114,24 @@ def rejected_rows(
     ]
 
 
+REJECT_KEYS = {"split", "row", "where", "problems", "data"}
+
+
 def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
-    """The rejects file: JSON Lines, one record of `rejected_rows` per line (replaced whole)."""
+    """The rejects file: JSON Lines, one record of `rejected_rows` per line, replacing an earlier
+    rejects file; any other file at `path` is refused, untouched."""
+    if path.exists() and not _is_rejects_file(path):
+        raise FileExistsError(
+            f"{path} exists and is not a rejects file: choose another data.rejects_path"
+        )
     lines = (finite_json(reject, ensure_ascii=False, default=str) + "\n" for reject in rejects)
     atomic_write(path, "".join(lines))
+
+
+def _is_rejects_file(path: Path) -> bool:
+    """Whether `path` holds only records as `write_rejects` writes them (or nothing)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return all(json.loads(line).keys() == REJECT_KEYS for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lit_dpo.card import RECORD, checkpoint_facts, model_card, run_facts
 from lit_dpo.checkpoints import load_module
+from lit_dpo.data.tokenize import chat_template_text
 from lit_dpo.hub import load_tokenizer
 from lit_dpo.utils import atomic_write, finite_json
 
@@ -137,6 +138,7 @@ def export_policy(
     adapter: bool = False,
     source: str | None = None,
     facts: dict | None = None,
+    tokenizer=None,
 ) -> Path:
     """Save `module.policy`, its tokenizer and a model card (`README.md`) to `out_dir`: a new or
     empty directory, or a previous export (replaced); anything else is refused before any work
@@ -146,7 +148,7 @@ def export_policy(
     LoRA is refused). A policy sharded with FSDP2 is gathered first: every rank must call this,
     and rank 0 writes. `source` (e.g. the checkpoint) is noted in the marker and the card.
     `facts`: the run's steps, data and metrics for the card (`run_facts`); None: those of the
-    Trainer the module was fitted by, if any."""
+    Trainer the module was fitted by, if any. `tokenizer`: None: `policy_tokenizer(module)`."""
     if adapter:
         _refuse_adapter_without_lora(module, "adapter=True")
     out = Path(out_dir).resolve()
@@ -159,7 +161,7 @@ def export_policy(
             return out
     check_target(out)
     hp = module.hparams
-    tokenizer = policy_tokenizer(module)
+    tokenizer = tokenizer or policy_tokenizer(module)
     if hasattr(policy, "merge_and_unload") and not adapter:  # the base, adapters folded in
         policy = copy.deepcopy(policy).merge_and_unload()
     if facts is None:
@@ -193,6 +195,20 @@ def policy_tokenizer(module):
             "tokenizer: pass the tokenizer to PreferenceDataModule(tokenizer=...)"
         )
     return load_tokenizer(path, hp.trust_remote_code, hp.get("revision"))
+
+
+def checkpoint_tokenizer(module, checkpoint: dict):
+    """The tokenizer a checkpoint's run trained with: its data module's (`data.tokenizer` when
+    given by name, and `data.chat_template`), else the policy's own."""
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    name, hp = data.get("tokenizer"), module.hparams
+    if isinstance(name, str):
+        tokenizer = load_tokenizer(name, hp.trust_remote_code, data.get("tokenizer_revision"))
+    else:
+        tokenizer = policy_tokenizer(module)
+    if data.get("chat_template") is not None:
+        tokenizer.chat_template = chat_template_text(data["chat_template"])
+    return tokenizer
 
 
 def _refuse_adapter_without_lora(module, option: str) -> None:
@@ -231,8 +247,10 @@ def export_checkpoint(
     module, checkpoint = load_module(Path(ckpt_path), trust_checkpoint)
     if adapter:
         _refuse_adapter_without_lora(module, f"--adapter true ({ckpt_path})")
-    facts = checkpoint_facts(checkpoint)
-    written = export_policy(module, out, adapter=adapter, source=ckpt_path, facts=facts)
+    facts, tokenizer = checkpoint_facts(checkpoint), checkpoint_tokenizer(module, checkpoint)
+    written = export_policy(
+        module, out, adapter=adapter, source=ckpt_path, facts=facts, tokenizer=tokenizer
+    )
     print(f"exported {ckpt_path} -> {written}")
 
 

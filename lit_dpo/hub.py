@@ -241,6 +241,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
+def tokenizer_record(tokenizer) -> dict[str, str | None]:
+    """A loaded tokenizer as a checkpoint's run record holds it: its vocabulary and chat template
+    (hashed), each of which changes what the trained weights mean."""
+    template = getattr(tokenizer, "chat_template", None)
+    text = json.dumps(template, sort_keys=True).encode()
+    return {
+        "tokenizer": f"{len(tokenizer)} tokens, vocabulary {tokenizer_fingerprint(tokenizer)}",
+        "chat template": hashlib.sha256(text).hexdigest()[:16] if template else None,
+    }
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
 

@@ -32,7 +32,7 @@ from lit_dpo.hub import (
     is_description,
     model_dir,
     module_fingerprint,
-    tokenizer_fingerprint,
+    tokenizer_record,
     weights_fingerprint,
 )
 from lit_dpo.record import config_record, differences
@@ -408,8 +408,8 @@ class PolicyModule(L.LightningModule):
     def run_record(self) -> dict:
         """What the weights in a checkpoint were made from, stored in it as `"lit_dpo"`: the
         model's architecture (its config), the base weights the policy (and a copied reference)
-        started from, the tokenizer's vocabulary (with a datamodule that has one), and
-        `objective()`. `sources` only names them in messages."""
+        started from, the tokenizer's vocabulary and chat template (with a datamodule that has
+        one), and `objective()`. `sources` only names them in messages."""
         hp = self.hparams
         record = {
             "model config": config_record(self.policy.config),
@@ -421,8 +421,7 @@ class PolicyModule(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         tokenizer = getattr(datamodule, "tokenizer", None)
         if hasattr(tokenizer, "get_vocab"):  # a loaded tokenizer, not (yet) a name
-            size = len(tokenizer)
-            record["tokenizer"] = f"{size} tokens, vocabulary {tokenizer_fingerprint(tokenizer)}"
+            record |= tokenizer_record(tokenizer)
             record["sources"]["tokenizer"] = tokenizer.name_or_path
         return record
 

@@ -66,4 +66,6 @@ def _difference(key: str, saved, current, saved_sources: dict, sources: dict) ->
             f"tokenizer {saved_sources.get('tokenizer')!r} ({saved}), this run has tokenizer "
             f"{sources.get('tokenizer')!r} ({current})"
         )
+    if key == "chat template":  # hashes: only that they differ says anything
+        return "another chat template, this run's differs (data.chat_template or the tokenizer's)"
     return f"{key}={saved!r}, this run has {key}={current!r}"

@@ -195,3 +195,31 @@ def test_lora_exports_as_an_adapter_with_the_merged_models_log_probs(tiny_model_
     assert ours.keys() == theirs.keys() and ours
     for name in ours:
         torch.testing.assert_close(theirs[name], ours[name], atol=0, rtol=0)
+
+
+def test_the_runs_chat_template_goes_into_exports_and_resumes(tiny_model_dir, tmp_path):
+    """A run trained with data.chat_template: `lit-dpo export` of its checkpoint ships that
+    template (not the model's own), and resuming it with another template is refused."""
+    from lit_dpo.export import export_checkpoint
+
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    data_file = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+
+    def fit(steps, chat_template=None, ckpt_path=None):
+        L.seed_everything(0)
+        module = DPOModule(tiny_model_dir, lr_scheduler=None)
+        data = PreferenceDataModule(str(data_file), tokenizer=tiny_model_dir, batch_size=2,
+                                    val_fraction=0, chat_template=chat_template)  # fmt: skip
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return trainer
+
+    fit(1, chat_template=template).save_checkpoint(tmp_path / "last.ckpt")
+    export_checkpoint(ckpt_path=str(tmp_path / "last.ckpt"), output_dir=str(tmp_path / "out"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == template
+    assert AutoTokenizer.from_pretrained(tiny_model_dir).chat_template != template
+    fit(2, chat_template=template, ckpt_path=str(tmp_path / "last.ckpt"))  # the same: resumes
+    with pytest.raises(ValueError, match="was trained with another chat template, this run's"):
+        fit(2, ckpt_path=str(tmp_path / "last.ckpt"))

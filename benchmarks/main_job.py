@@ -14,6 +14,7 @@ of the first one's.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -42,9 +43,18 @@ def run(config: str, root: Path, extra: list[str]) -> dict:
     found = sorted(root.glob("**/sentiment_eval.json"))
     result = {"config": config, "wall_s": wall, "returncode": proc.returncode}
     result["eval"] = json.loads(found[-1].read_text()) if found else None
+    result["last_validation"] = last_validation(root)
     if proc.returncode:
         result["log_tail"] = log.read_text()[-3000:]
     return result
+
+
+def last_validation(root: Path) -> dict[str, float] | None:
+    """The last validation's `val/...` numbers from the run's CSV metrics, if it logged any."""
+    rows = [r for f in sorted(root.glob("**/metrics.csv")) for r in csv.DictReader(f.open())]
+    rows = [r for r in rows if r.get("val/loss")]
+    last = rows[-1] if rows else {}
+    return {k: float(v) for k, v in last.items() if k.startswith("val/") and v} or None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         r["wall_vs_first"] = r["wall_s"] / base
         numbers = ", ".join(f"{k} {r['eval'][k]:.3f}" for k in SHOWN if (r["eval"] or {}).get(k))
+        if r["last_validation"]:
+            numbers += f"; last validation {r['last_validation']}"
         print(f"{r['config']}: {r['wall_s'] / 60:.1f} min, x{r['wall_vs_first']:.2f}; {numbers}")
     if args.out:
         Path(args.out).write_text(json.dumps({"command": sys.argv, "results": results}, indent=2))

@@ -102,5 +102,6 @@ def test_main_job_times_configs_side_by_side(tmp_path, tiny_model_dir):
     assert first["returncode"] == second["returncode"] == 0
     assert first["wall_vs_first"] == 1 and second["wall_s"] > 0
     assert first["eval"] is None  # the tiny config has no held-out evaluation callback
+    assert "last_validation" in first
     assert (tmp_path / "runs" / "run1" / "hf").is_dir()  # the second run's own datasets cache
     assert f"{config}: " in proc.stdout and ", x1.00" in proc.stdout

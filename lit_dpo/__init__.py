@@ -32,6 +32,8 @@ _PUBLIC = {
     "export_checkpoint": "lit_dpo.export",
     "HFExport": "lit_dpo.export",
     "SampleReplies": "lit_dpo.samples",
+    "OnlineDPO": "lit_dpo.online",
+    "Judge": "lit_dpo.judges",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -19,6 +19,10 @@ from lit_dpo.policy import LinearWarmup, LoRA, PaperRMSprop, PolicyModule
 from lit_dpo.reference import Reference, ReferenceSettings, make_reference
 from lit_dpo.utils import STAGES, pairwise_accuracy
 
+# Where OnlineDPO (lit_dpo/online.py) keeps its state in a checkpoint; a callback that reads it
+# has `checkpoint_key` equal to this.
+ONLINE_KEY = "lit_dpo_online"
+
 # The optimizer, scheduler and LoRA settings are importable from here too (configs name them).
 __all__ = ["DPOModule", "LinearWarmup", "LoRA", "PaperRMSprop"]
 
@@ -289,6 +293,16 @@ class DPOModule(PolicyModule):
         return super().training_step(batch, batch_idx)
 
     # -- checkpoints: what they were made from; the reference is rebuilt, not stored ---------
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        fit = self._trainer is not None and self.trainer.state.fn == "fit"
+        keys = [getattr(c, "checkpoint_key", None) for c in self.trainer.callbacks] if fit else []
+        if ONLINE_KEY in checkpoint and fit and ONLINE_KEY not in keys:
+            raise ValueError(
+                "the checkpoint was trained online (an OnlineDPO callback made its pairs): resume "
+                "it with the same OnlineDPO callback, or start a new run"
+            )
 
     def objective(self) -> dict:
         hp, settings = self.hparams, self.reference_strategy.settings

@@ -144,20 +144,33 @@ class SampleReplies(Callback):
                     "SampleReplies: no prompts given, and the data module has no validation "
                     "split to take them from: pass `prompts` (a list or a file)"
                 )
-            ids: dict[tuple[int, ...], None] = {}
-            for row in data.select_columns(["prompt_input_ids"]):
-                ids.setdefault(tuple(row["prompt_input_ids"]), None)
-                if len(ids) == self.n_prompts:
-                    break
-            prompt_ids = [list(p) for p in ids]
+            prompt_ids = distinct_prompt_ids(data, self.n_prompts)
             return [shown_prompt(tokenizer, p) for p in prompt_ids], prompt_ids
-        prompts = read_prompts(self.prompts)[: self.n_prompts]
-        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-        if tokenizer.chat_template is None:
-            if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("SampleReplies: message prompts need a chat template")
-            return texts, tokenizer(prompts)["input_ids"]
-        return texts, chat_prompt_ids(tokenizer, prompts)
+        return tokenized_prompts(tokenizer, read_prompts(self.prompts)[: self.n_prompts])
+
+
+def distinct_prompt_ids(data, limit: int | None = None) -> list[list[int]]:
+    """The first `limit` (None: all) distinct `prompt_input_ids` of a tokenized split, in order."""
+    ids: dict[tuple[int, ...], None] = {}
+    for row in data.select_columns(["prompt_input_ids"]):
+        ids.setdefault(tuple(row["prompt_input_ids"]), None)
+        if len(ids) == limit:
+            break
+    return [list(p) for p in ids]
+
+
+def tokenized_prompts(
+    tokenizer, prompts: Sequence[str | list[dict[str, str]]], who: str = "SampleReplies"
+) -> tuple[list[str], list[list[int]]]:
+    """(the prompts as text to show, their token ids to sample from): text is sent as one user
+    message through the tokenizer's chat template (plain text when it has none), a message list
+    as it is (shown by its last message)."""
+    texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    if tokenizer.chat_template is None:
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{who}: message prompts need a chat template")
+        return texts, tokenizer(list(prompts))["input_ids"]
+    return texts, chat_prompt_ids(tokenizer, prompts)
 
 
 def read_prompts(prompts: Sequence[str] | str) -> list[str | list[dict[str, str]]]:

@@ -2,7 +2,10 @@
 
 - `pairs`: prompts, the VADER reward and the pair builder (`python -m experiments.sentiment`);
 - `evaluation`: held-out reward, KL and pair accuracy, and the `SentimentEval` callback;
-- `frontier`: the best-of-N point of the reward-vs-KL frontier.
+- `frontier`: the best-of-N point of the reward-vs-KL frontier;
+- `judge`: `VaderJudge`, VADER as the judge of online DPO (`lit_dpo.online`);
+- `online`: online, semi-online and iterative DPO on the frontier
+  (`python -m experiments.sentiment.online`).
 """
 
 from experiments.sentiment.evaluation import (
@@ -14,6 +17,7 @@ from experiments.sentiment.evaluation import (
     pair_accuracy,
 )
 from experiments.sentiment.frontier import best_of_n_kl, expected_best_of_n
+from experiments.sentiment.judge import VaderJudge
 from experiments.sentiment.pairs import (
     ADJECTIVES,
     DETAILS,
@@ -33,6 +37,7 @@ __all__ = [
     "NOUNS",
     "TEMPLATES",
     "SentimentEval",
+    "VaderJudge",
     "best_of_n_kl",
     "build_pairs",
     "datamodule_prompts",
